@@ -1,0 +1,33 @@
+# The two commands:   make demo   (set up + run the main job)   |   make test   (set up + run the tests)
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PIP    := $(BIN)/pip install --quiet --constraint requirements/constraints.txt
+export DAGSTER_HOME ?= $(CURDIR)/.mmat/dagster_home
+
+.PHONY: install demo test ui benchmarks clean
+
+$(STAMP): pyproject.toml requirements/constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip "setuptools>=75" wheel
+	$(PIP) --no-build-isolation --editable ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)  ## create .venv and install mmat with everything it needs
+
+demo: install  ## materialize every asset of the embedded default project (mmat.yaml)
+	$(BIN)/mmat build
+
+test: install  ## run the whole test suite (slow end-to-end tests included)
+	$(BIN)/pytest -q
+
+ui: install  ## the Dagster UI on http://127.0.0.1:3000 over the same instance as `make demo`
+	$(BIN)/python -c "from pathlib import Path; from mmat_assets.cli import ensure_dagster_home; ensure_dagster_home(Path('mmat.yaml'))"
+	$(BIN)/dagster dev -f definitions.py -h 127.0.0.1 -p 3000
+
+benchmarks: install  ## performance scripts; each prints its ratio against a same-run baseline
+	$(BIN)/python benchmarks/foundation.py
+
+clean:
+	rm -rf .mmat

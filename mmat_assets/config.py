@@ -1,0 +1,104 @@
+"""The project configuration file (``mmat.yaml``): typed, with a description per field.
+
+Relative paths in it resolve against the file's own directory, so a config travels with
+its project. Loaded by the composition root, never at import time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SourceConfig(_Model):
+    """One configured source: which plugin reads it and with what options."""
+
+    plugin: str = Field(description="Registered source name, e.g. 'tabmwp' or 'qa_table'.")
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="Options of the source plugin (its data path...)."
+    )
+    quota: int | dict[str, int] | None = Field(
+        default=None,
+        description="Max rows kept per subset (an int for every subset, or per subset name); "
+        "chosen by a seeded hash so reruns keep the same rows.",
+    )
+
+
+class ComponentConfig(_Model):
+    """A configured tool, retriever, teacher... : which implementation, with what options."""
+
+    plugin: str | None = Field(
+        default=None, description="Registered implementation name; defaults to the entry's key."
+    )
+    options: dict[str, Any] = Field(default_factory=dict, description="Implementation options.")
+    enabled: bool = Field(default=True, description="False leaves it out of the asset graph.")
+
+
+class FoundationConfig(_Model):
+    """How Foundation shards, samples and validates."""
+
+    shards: int = Field(default=8, ge=1, le=100_000, description="Number of shards.")
+    seed: int = Field(default=42, description="Seed of the per-subset quota sampling.")
+    max_image_pixels: int = Field(
+        default=50_000_000, description="Larger images are quarantined (decompression bombs)."
+    )
+    max_image_side: int = Field(default=16_384, description="Longest side allowed, pixels.")
+    min_image_side: int = Field(default=1, description="Shortest side allowed, pixels.")
+    preview_rows: int = Field(default=5, description="Samples rendered in the UI preview.")
+
+
+class ProfileConfig(_Model):
+    """Where a profile keeps tables and media."""
+
+    root: str = Field(description="Local directory or s3://bucket/prefix.")
+    endpoint_url_env: str | None = Field(
+        default=None,
+        description="Name of the environment variable holding an S3-compatible endpoint URL.",
+    )
+
+
+class ProjectConfig(_Model):
+    """The whole ``mmat.yaml``."""
+
+    sources: dict[str, SourceConfig] = Field(description="Configured sources by asset name.")
+    foundation: FoundationConfig = Field(default_factory=FoundationConfig)
+    tools: dict[str, ComponentConfig] = Field(
+        default_factory=dict,
+        description="Options per tool; every registered tool gets an asset, these only configure.",
+    )
+    retrievers: dict[str, ComponentConfig] = Field(
+        default_factory=dict, description="Configured retrievers by asset name."
+    )
+    profiles: dict[str, ProfileConfig] = Field(
+        default_factory=lambda: {"local": ProfileConfig(root=".mmat")},
+        description="Storage per profile (local, prod).",
+    )
+    base_dir: Path = Field(default=Path("."), exclude=True, description="Directory of the file.")
+
+    def resolve(self, path: str | Path) -> Path:
+        """A path from the config, resolved against the config file's directory."""
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else (self.base_dir / p).resolve()
+
+    def profile_root(self, profile: str) -> str:
+        try:
+            root = self.profiles[profile].root
+        except KeyError:
+            raise KeyError(f"no profile {profile!r} in config (have: {sorted(self.profiles)})") from None
+        return root if "://" in root else str(self.resolve(root))
+
+
+def load_config(path: str | Path) -> ProjectConfig:
+    """Read and validate a project config file."""
+    path = Path(path).resolve()
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    cfg = ProjectConfig.model_validate(data)
+    cfg.base_dir = path.parent
+    return cfg

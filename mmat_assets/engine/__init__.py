@@ -1,0 +1,1 @@
+"""Pure logic per stage: no Dagster imports, testable alone."""

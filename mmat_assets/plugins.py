@@ -1,0 +1,206 @@
+"""The plugin manager factory and the registry of implementations it yields.
+
+Built-in plugins are modules named in :data:`DEFAULT_PLUGINS`; third-party ones arrive
+through the ``mmat`` entry-point group. ``MMAT_BLOCK_PLUGINS`` (comma-separated plugin
+names) blocks plugins. A plugin that fails to import, or registers a second implementation
+under a name already taken in its role, is recorded as an error naming it; the rest load.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata as md
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import pluggy
+
+from mmat_assets import contracts, hookspecs
+
+DEFAULT_PLUGINS: tuple[str, ...] = (
+    "mmat_plugins.sources_tabmwp",
+    "mmat_plugins.sources_llava_cot",
+    "mmat_plugins.sources_visual_cot",
+    "mmat_plugins.sources_cauldron",
+    "mmat_plugins.sources_infoseek",
+    "mmat_plugins.sources_qa_table",
+)
+ENTRY_POINT_GROUP = "mmat"
+BLOCK_ENV = "MMAT_BLOCK_PLUGINS"
+
+ROLE_BASES: dict[str, type[contracts.Component]] = {
+    "source": contracts.Source,
+    "tool": contracts.Tool,
+    "retriever": contracts.Retriever,
+    "teacher": contracts.Teacher,
+    "judge": contracts.Judge,
+    "exporter": contracts.Exporter,
+    "trainer": contracts.Trainer,
+    "benchmark": contracts.Benchmark,
+}
+
+
+@dataclass(frozen=True)
+class Implementation:
+    """One registered implementation class and where it came from."""
+
+    role: str
+    name: str
+    cls: type[contracts.Component]
+    plugin: str
+    plugin_version: str
+
+
+@dataclass
+class Registry:
+    """Implementations by role and name, plus the errors met while loading plugins."""
+
+    impls: dict[str, dict[str, Implementation]] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+    blocked: list[str] = field(default_factory=list)
+
+    def get(self, role: str, name: str) -> Implementation:
+        """Look up one implementation; a clear KeyError lists what exists."""
+        try:
+            return self.impls.get(role, {})[name]
+        except KeyError:
+            known = ", ".join(sorted(self.impls.get(role, {}))) or "none"
+            raise KeyError(f"no {role} named {name!r} is registered (known: {known})") from None
+
+    def role(self, role: str) -> dict[str, Implementation]:
+        """All implementations of one role, by name."""
+        return dict(self.impls.get(role, {}))
+
+    def create(self, role: str, name: str, options: Mapping[str, Any] | None = None) -> Any:
+        """Instantiate implementation ``name`` of ``role`` with validated ``options``."""
+        return self.get(role, name).cls(options)
+
+    def all(self) -> Iterable[Implementation]:
+        for role in ROLE_BASES:
+            yield from self.impls.get(role, {}).values()
+
+
+def blocked_names(environ: Mapping[str, str] | None = None) -> set[str]:
+    """Plugin names blocked through ``MMAT_BLOCK_PLUGINS`` (read when called, not at import)."""
+    raw = (environ if environ is not None else os.environ).get(BLOCK_ENV, "")
+    return {part.strip() for part in raw.split(",") if part.strip()}
+
+
+def _plugin_version(module: Any, dist: md.Distribution | None) -> str:
+    if dist is not None:
+        return dist.version
+    return str(getattr(module, "__version__", None) or _own_version())
+
+
+def _own_version() -> str:
+    from mmat_assets import __version__
+
+    return __version__
+
+
+def _short_name(module_name: str) -> str:
+    return module_name.rsplit(".", 1)[-1]
+
+
+def get_plugin_manager(
+    builtins: Iterable[str] = DEFAULT_PLUGINS,
+    entry_points: bool = True,
+    environ: Mapping[str, str] | None = None,
+) -> tuple[pluggy.PluginManager, list[str], dict[str, str]]:
+    """Build a fresh plugin manager: built-ins from the list, then entry points.
+
+    Returns the manager, the load errors, and each plugin's version by name.
+    """
+    pm = pluggy.PluginManager("mmat")
+    pm.add_hookspecs(hookspecs)
+    errors: list[str] = []
+    versions: dict[str, str] = {}
+    blocked = blocked_names(environ)
+    for name in blocked:
+        pm.set_blocked(name)
+
+    def add(name: str, load: Any, dist: md.Distribution | None) -> None:
+        if name in blocked:
+            return
+        try:
+            module = load()
+            pm.register(module, name=name)
+        except Exception as exc:  # a broken plugin must not take the others down
+            errors.append(f"plugin {name!r} failed to load: {type(exc).__name__}: {exc}")
+            return
+        versions[name] = _plugin_version(module, dist)
+
+    for module_name in builtins:
+        add(_short_name(module_name), lambda m=module_name: importlib.import_module(m), None)
+    if entry_points:
+        for ep in md.entry_points(group=ENTRY_POINT_GROUP):
+            add(ep.name, ep.load, ep.dist)
+    return pm, errors, versions
+
+
+def _collect(pm: pluggy.PluginManager, registry: Registry, versions: dict[str, str]) -> None:
+    for hook_name, role in hookspecs.ROLES.items():
+        base = ROLE_BASES[role]
+        for impl in getattr(pm.hook, hook_name).get_hookimpls():
+            plugin = impl.plugin_name
+
+            def register(cls: type[Any], plugin: str = plugin, role: str = role) -> None:
+                _add(registry, role, base, cls, plugin, versions.get(plugin, "?"))
+
+            try:
+                impl.function(register=register)
+            except Exception as exc:
+                registry.errors.append(
+                    f"plugin {plugin!r} failed in {hook_name}: {type(exc).__name__}: {exc}"
+                )
+
+
+def _add(
+    registry: Registry,
+    role: str,
+    base: type[contracts.Component],
+    cls: type[Any],
+    plugin: str,
+    version: str,
+) -> None:
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        registry.errors.append(
+            f"plugin {plugin!r} registered {cls!r} as a {role}, but it is not a "
+            f"{base.__name__} subclass"
+        )
+        return
+    name = getattr(cls, "name", None)
+    if not name:
+        registry.errors.append(f"plugin {plugin!r} registered a {role} with no name: {cls!r}")
+        return
+    taken = registry.impls.setdefault(role, {})
+    if name in taken:
+        registry.errors.append(
+            f"plugin {plugin!r} registered {role} {name!r}, already registered by plugin "
+            f"{taken[name].plugin!r}; the second one is ignored"
+        )
+        return
+    taken[name] = Implementation(role, name, cls, plugin, version)
+
+
+def load_registry(
+    builtins: Iterable[str] = DEFAULT_PLUGINS,
+    entry_points: bool = True,
+    environ: Mapping[str, str] | None = None,
+) -> Registry:
+    """Load every plugin and collect what each registers, by role and name."""
+    pm, errors, versions = get_plugin_manager(builtins, entry_points, environ)
+    registry = Registry(errors=list(errors), blocked=sorted(blocked_names(environ)))
+    _collect(pm, registry, versions)
+    return registry
+
+
+__all__ = [
+    "DEFAULT_PLUGINS",
+    "Implementation",
+    "Registry",
+    "get_plugin_manager",
+    "load_registry",
+]

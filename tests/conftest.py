@@ -1,0 +1,53 @@
+"""Shared fixtures: the real TabMWP data, temporary projects, the example plugin."""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+TABMWP = (REPO.parent / "shared" / "data" / "tabmwp").resolve()
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def tabmwp_dir() -> Path:
+    assert (TABMWP / "problems.json").is_file(), f"TabMWP data missing at {TABMWP}"
+    return TABMWP
+
+
+def write_project(tmp: Path, sources: dict[str, Any], shards: int = 4, **extra: Any) -> Path:
+    """A project config in ``tmp`` whose local storage also lives in ``tmp``."""
+    cfg = {
+        "sources": sources,
+        "foundation": {"shards": shards, "seed": 7, **extra.pop("foundation", {})},
+        "profiles": {"local": {"root": str(tmp / "store")}},
+        **extra,
+    }
+    path = tmp / "mmat.yaml"
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def example_plugin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Install the third-party example plugin from ``tests/plugin_example`` for this session."""
+    target = tmp_path_factory.mktemp("site")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+         "--target", str(target), str(Path(__file__).parent / "plugin_example")],
+        check=True,
+    )
+    sys.path.insert(0, str(target))
+    importlib.invalidate_caches()
+    yield target
+    sys.path.remove(str(target))
+    sys.modules.pop("mmat_example_plugin", None)
+    importlib.invalidate_caches()

@@ -1,0 +1,77 @@
+"""The command line and the code location, as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from mmat_assets.cli import app
+from tests.conftest import REPO, write_project
+
+runner = CliRunner()
+
+
+def test_definitions_validate_with_the_dagster_cli() -> None:
+    out = subprocess.run([str(Path(sys.executable).with_name("dagster")), "definitions", "validate",
+                          "-f", "definitions.py"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "Validation successful" in out.stderr + out.stdout
+
+
+def test_plugins_lists_the_six_sources_with_availability() -> None:
+    res = runner.invoke(app, ["plugins", "--json", "--config", str(REPO / "mmat.yaml")])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.output)
+    sources = {r["name"]: r for r in data["implementations"] if r["role"] == "source"}
+    assert {"tabmwp", "llava_cot", "visual_cot", "cauldron", "infoseek", "qa_table"} <= set(sources)
+    assert sources["tabmwp"]["available"] and sources["tabmwp"]["configured"]
+    assert sources["qa_table"]["configured"] is False
+    assert "license" in sources["qa_table"]["reason"] and "path" in sources["qa_table"]["reason"]
+    assert data["errors"] == []
+
+
+def test_plugins_table_and_help() -> None:
+    res = runner.invoke(app, ["plugins", "--config", str(REPO / "mmat.yaml")])
+    assert res.exit_code == 0 and "tabmwp" in res.output and "sources_tabmwp" in res.output
+    res = runner.invoke(app, ["build", "--help"])
+    assert res.exit_code == 0 and "--shards" in res.output and "--profile" in res.output
+
+
+def _run_build(cfg: Path, home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "DAGSTER_HOME": str(home), "COLUMNS": "200"}
+    return subprocess.run([str(Path(sys.executable).with_name("mmat")), "build", "--config", str(cfg), *args],
+                          capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_build_materializes_selected_shards_and_reports_json(tmp_path: Path) -> None:
+    data = REPO / "tests" / "fixtures" / "qa_table"
+    jsonl = next(p for p in data.iterdir() if p.suffix == ".jsonl")
+    cfg = write_project(tmp_path, {"qa": {"plugin": "qa_table", "options": {
+        "path": str(jsonl), "license": "CC0-1.0", "image_root": str(data),
+        "columns": {"question": "question", "answer": "answer"}}}}, shards=3)
+    home = tmp_path / "home"
+    home.mkdir()
+    out = _run_build(cfg, home, "--shards", "0-1", "--json")
+    assert out.returncode == 0, out.stdout + out.stderr
+    summary = json.loads(out.stdout)
+    by_asset = {a["asset"]: a for a in summary["assets"]}
+    assert by_asset["foundation_samples"]["partitions"] == 2
+    assert summary["failed"] == 0 and summary["runs"] == 3
+
+
+def test_build_fails_with_a_readable_summary(tmp_path: Path) -> None:
+    cfg = write_project(tmp_path, {"gone": {"plugin": "qa_table", "options": {
+        "path": "does-not-exist.jsonl", "license": "CC0-1.0",
+        "columns": {"question": "q", "answer": "a"}}}}, shards=2)
+    # A reader that breaks is quarantined, not fatal; a storage root that cannot be written is fatal.
+    (tmp_path / "store").write_text("not a directory")
+    home = tmp_path / "home"
+    home.mkdir()
+    out = _run_build(cfg, home)
+    assert out.returncode == 1
+    assert "failed" in out.stdout and "source_samples/gone" in out.stdout

@@ -1,0 +1,72 @@
+"""The prod profile puts tables and media on S3 (a local moto server on a free port)."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import boto3
+import dagster as dg
+import polars as pl
+import pytest
+import yaml
+
+from mmat_assets.assets import build_definitions
+from mmat_assets.config import load_config
+
+
+@pytest.fixture()
+def s3_endpoint(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    url = f"http://{host}:{port}"
+    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                 "AWS_DEFAULT_REGION": "us-east-1", "MMAT_S3_ENDPOINT_URL": url}.items():
+        monkeypatch.setenv(k, v)
+    yield url
+    server.stop()
+
+
+def test_prod_profile_materializes_foundation_into_s3(s3_endpoint: str, tmp_path: Path, tabmwp_dir: Path) -> None:
+    import json
+    import shutil
+
+    problems = dict(list(json.loads((tabmwp_dir / "problems.json").read_text()).items())[:12])
+    data = tmp_path / "tabmwp"
+    (data / "tables").mkdir(parents=True)
+    (data / "problems.json").write_text(json.dumps(problems))
+    for pid in problems:
+        shutil.copy(tabmwp_dir / "tables" / f"{pid}.png", data / "tables")
+    (tmp_path / "mmat.yaml").write_text(yaml.safe_dump({
+        "sources": {"tabmwp": {"plugin": "tabmwp", "options": {"path": "tabmwp"}}},
+        "foundation": {"shards": 2},
+        "profiles": {"local": {"root": "local"},
+                     "prod": {"root": "s3://mmat-test/run1", "endpoint_url_env": "MMAT_S3_ENDPOINT_URL"}},
+    }))
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    s3.create_bucket(Bucket="mmat-test")
+
+    defs = build_definitions(load_config(tmp_path / "mmat.yaml"), "prod")
+    instance = dg.DagsterInstance.ephemeral()
+    assets = list(defs.assets) + list(defs.asset_checks)
+    src = [dg.AssetKey(["source_samples", "tabmwp"]), dg.AssetKey(["quarantine", "source", "tabmwp"])]
+    assert dg.materialize(assets, selection=src, instance=instance, resources=defs.resources).success
+    total = 0
+    for shard in ("0", "1"):
+        r = dg.materialize(assets, selection=[dg.AssetKey("foundation_samples")], partition_key=shard,
+                           instance=instance, resources=defs.resources)
+        assert r.success and all(e.passed for e in r.get_asset_check_evaluations())
+        body = s3.get_object(Bucket="mmat-test", Key=f"run1/tables/foundation_samples/{shard}.parquet")["Body"].read()
+        df = pl.read_parquet(io.BytesIO(body))
+        total += df.height
+        for uri in df["images"].list.first().struct.field("uri"):
+            assert uri.startswith("s3://mmat-test/run1/media/")
+            key = uri.removeprefix("s3://mmat-test/")
+            png = s3.get_object(Bucket="mmat-test", Key=key)["Body"].read()
+            assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert total == 12
+    assert not (tmp_path / "local").exists()  # nothing went to the local profile's directory
