@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PIP    := $(BIN)/pip install --quiet --constraint requirements/constraints.txt
-export DAGSTER_HOME ?= $(CURDIR)/.mmat/dagster_home
+HOME_DIR := $(CURDIR)/.mmat/dagster_home
 
 .PHONY: install demo test ui benchmarks clean
 
@@ -17,14 +17,14 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 install: $(STAMP)  ## create .venv and install mmat with everything it needs
 
 demo: install  ## materialize every asset of the embedded default project (mmat.yaml)
-	$(BIN)/mmat build
+	DAGSTER_HOME=$${DAGSTER_HOME:-$(HOME_DIR)} $(BIN)/mmat build
 
 test: install  ## run the whole test suite (slow end-to-end tests included)
 	$(BIN)/pytest -q
 
 ui: install  ## the Dagster UI on http://127.0.0.1:3000 over the same instance as `make demo`
-	$(BIN)/python -c "from pathlib import Path; from mmat_assets.cli import ensure_dagster_home; ensure_dagster_home(Path('mmat.yaml'))"
-	$(BIN)/dagster dev -f definitions.py -h 127.0.0.1 -p 3000
+	DAGSTER_HOME=$${DAGSTER_HOME:-$(HOME_DIR)} $(BIN)/python -c "from pathlib import Path; from mmat_assets.cli import ensure_dagster_home; ensure_dagster_home(Path('mmat.yaml'))"
+	DAGSTER_HOME=$${DAGSTER_HOME:-$(HOME_DIR)} $(BIN)/dagster dev -f definitions.py -h 127.0.0.1 -p 3000
 
 benchmarks: install  ## performance scripts; each prints its ratio against a same-run baseline
 	$(BIN)/python benchmarks/foundation.py

@@ -17,6 +17,21 @@ TABMWP = (REPO.parent / "shared" / "data" / "tabmwp").resolve()
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _own_dagster_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Tests never touch a developer's Dagster instance: each session gets its own."""
+    import os
+
+    home = tmp_path_factory.mktemp("dagster_home")
+    old = os.environ.get("DAGSTER_HOME")
+    os.environ["DAGSTER_HOME"] = str(home)
+    yield
+    if old is None:
+        os.environ.pop("DAGSTER_HOME", None)
+    else:
+        os.environ["DAGSTER_HOME"] = old
+
+
 @pytest.fixture(scope="session")
 def tabmwp_dir() -> Path:
     assert (TABMWP / "problems.json").is_file(), f"TabMWP data missing at {TABMWP}"
