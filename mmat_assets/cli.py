@@ -126,7 +126,8 @@ def _parse_shards(spec: str | None, keys: list[str]) -> list[str]:
 def build(
     config: ConfigOpt = Path("mmat.yaml"),
     profile: Annotated[str, typer.Option(help="Storage profile: local or prod.", envvar="MMAT_PROFILE")] = "local",
-    select: Annotated[str | None, typer.Option(help="Dagster asset selection, e.g. 'group:foundation'.")] = None,
+    select: Annotated[str | None, typer.Option(
+        help="Dagster asset selection, e.g. 'group:foundation' (default: the main job, '*dialogue_files').")] = None,
     shards: Annotated[str | None, typer.Option(help="Shards to build, e.g. '0-3,7' (default all).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -154,6 +155,8 @@ def _print_summary(summary: dict[str, Any]) -> None:
         status = "[green]ok[/]" if not a["errors"] else "[red]failed[/]: " + "; ".join(a["errors"])[:300]
         table.add_row(a["asset"], str(a["partitions"]), str(a["rows"]), status)
     console.print(table)
+    for note in summary.get("notes", []):
+        console.print(note)
     for f in summary["failed_checks"]:
         console.print(f"[red]check failed:[/] {f}")
     if summary["failed"]:

@@ -54,6 +54,18 @@ class FoundationConfig(_Model):
     preview_rows: int = Field(default=5, description="Samples rendered in the UI preview.")
 
 
+class StagesConfig(_Model):
+    """Rationale, reflection and integration: who teaches, with what, and how hard."""
+
+    teacher: str = Field(default="grounded", description="Key in `teachers` (or a registered teacher name).")
+    retriever: str | None = Field(default=None, description="Key in `retrievers` used for RAG; None: no search.")
+    max_steps: int = Field(default=6, ge=1, le=50, description="Step limit of the teacher loop.")
+    rag_k: int = Field(default=3, ge=1, le=20, description="Passages fed back per search.")
+    concurrency: int = Field(default=16, ge=1, le=1024, description="Samples in flight per shard.")
+    tool_concurrency: int = Field(default=2, ge=1, le=64, description="Tool calls running at once per shard.")
+    preview_rows: int = Field(default=3, description="Dialogues rendered in the UI preview.")
+
+
 class ProfileConfig(_Model):
     """Where a profile keeps tables and media."""
 
@@ -76,6 +88,11 @@ class ProjectConfig(_Model):
     retrievers: dict[str, ComponentConfig] = Field(
         default_factory=dict, description="Configured retrievers by asset name."
     )
+    teachers: dict[str, ComponentConfig] = Field(
+        default_factory=lambda: {"grounded": ComponentConfig(plugin="grounded")},
+        description="Configured teachers by name; `stages.teacher` picks one.",
+    )
+    stages: StagesConfig = Field(default_factory=StagesConfig)
     profiles: dict[str, ProfileConfig] = Field(
         default_factory=lambda: {"local": ProfileConfig(root=".mmat")},
         description="Storage per profile (local, prod).",

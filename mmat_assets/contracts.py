@@ -162,6 +162,38 @@ class Retriever(Component):
 
 
 @dataclass
+class TeacherRequest:
+    """One request to a teacher.
+
+    ``messages`` are OpenAI-style chat messages whose ``content`` is a string or a list of
+    parts (``{"type": "text", "text": ...}`` / ``{"type": "image", "path": ..., "sha256": ...}``).
+    ``json_schema`` asks for structured output where the back-end supports it. ``context``
+    carries the structured facts (question, gold answer, gold rationale, tool results so
+    far) for teachers that work from them rather than from the prompt. The request's hash
+    (see :meth:`fingerprint`) keys the response cache, so every field that changes the
+    answer belongs in it.
+    """
+
+    kind: str  # "step" | "judge" | "caption" | "score"
+    messages: list[dict[str, Any]]
+    prompt_version: str
+    json_schema: dict[str, Any] | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    context: dict[str, Any] = field(default_factory=dict)
+
+    def fingerprint(self, model: str) -> str:
+        """sha256 of the whole request as sent to ``model``."""
+        import hashlib
+        import json
+
+        body = {"model": model, "kind": self.kind, "messages": self.messages,
+                "prompt_version": self.prompt_version, "json_schema": self.json_schema,
+                "params": self.params, "context": self.context}
+        text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclass
 class TeacherReply:
     """A teacher's answer to one request, with its cost."""
 
@@ -170,14 +202,42 @@ class TeacherReply:
     completion_tokens: int = 0
     cost_usd: float = 0.0
     model: str = ""
+    attempts: int = 1
+    latency_s: float = 0.0
+
+
+class TeacherError(RuntimeError):
+    """A request that failed for good; ``reason`` is a short category recorded on the row.
+
+    Reasons: ``refusal``, ``unparseable``, ``rate_limited``, ``timeout``, ``http_error``,
+    ``unsupported``. Teachers raise this (never a transport exception) once their retries
+    are spent, so the engine can quarantine the row and carry on.
+    """
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
 
 
 class Teacher(Component):
-    """Writes rationale steps and answers judge prompts (SPEC §2.2, §2.4)."""
+    """Writes rationale steps and answers judge prompts (SPEC §2.2, §2.4).
+
+    ``model`` names what answers (it is part of every request's cache key);
+    ``vision`` says whether it can look at images (captioning needs it).
+    """
+
+    model: str = ""
+    vision: bool = False
 
     @abstractmethod
-    def complete(self, request: Mapping[str, Any]) -> TeacherReply:
-        """Answer one request: ``{"kind": "step"|"judge", "messages": [...], ...}``."""
+    def complete(self, request: TeacherRequest) -> TeacherReply:
+        """Answer one request or raise :class:`TeacherError`."""
+
+    async def acomplete(self, request: TeacherRequest) -> TeacherReply:
+        """Async form; the default runs :meth:`complete` in a worker thread."""
+        import asyncio
+
+        return await asyncio.to_thread(self.complete, request)
 
 
 class Judge(Component):

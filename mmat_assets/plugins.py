@@ -26,6 +26,14 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "mmat_plugins.sources_cauldron",
     "mmat_plugins.sources_infoseek",
     "mmat_plugins.sources_qa_table",
+    "mmat_plugins.tools_ocr",
+    "mmat_plugins.tools_face",
+    "mmat_plugins.tools_label_bbox",
+    "mmat_plugins.tools_caption",
+    "mmat_plugins.retrievers_lancedb",
+    "mmat_plugins.retrievers_web",
+    "mmat_plugins.teachers_grounded",
+    "mmat_plugins.teachers_openai",
 )
 ENTRY_POINT_GROUP = "mmat"
 BLOCK_ENV = "MMAT_BLOCK_PLUGINS"

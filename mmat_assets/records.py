@@ -26,10 +26,24 @@ rationale      str?                             gold rationale when the source h
 style          str                              style constraint appended to the question
 meta           str                              JSON of source-specific extras
 shard          int                              shard the row belongs to
-turns          list[struct{role,content}]?      RR dialogue (rationale stages)
+status         str?                             ok | failed, after a stage ran on the row
+failure        str?                             why a row left the training outputs
+failure_stage  str?                             rationale | reflection
+failure_detail str?                             the failure's message
+trajectory     str?                             JSON of the reasoning (protocol.Trajectory)
+steps          int?                             assistant steps in the trajectory
+grounding      str?                             gold | minimal (grounded teacher) | ""
+used_rag       bool?                            the dialogue searched (ORR drops RAG text)
+checks         list[str]?                       reflection checks that fired
+reflected      bool?                            a reflection fix was inserted
+format         str?                             rr | orr (integration outputs)
+turns          list[struct{role,content}]?      rendered dialogue, system prompt first
 tool_calls     list[struct{...}]?               each tool call: tool, version, args,
                                                 cache key, result text, error
-provenance     str?                             JSON: teacher calls, checks, data versions
+quality        float?                           quality-judge score 0-1
+quality_reasons str?                            the judge's reasons
+provenance     str?                             JSON: teacher calls (model, prompt
+                                                version, request hash, tokens, cost), ...
 ============== ================================ ===========================================
 
 Quarantined rows keep the same columns plus ``stage`` and ``reason`` (see
@@ -76,8 +90,21 @@ FOUNDATION_COLUMNS: dict[str, pl.DataType] = {
     "shard": pl.Int32(),
 }
 STAGE_COLUMNS: dict[str, pl.DataType] = {
+    "status": pl.String(),
+    "failure": pl.String(),
+    "failure_stage": pl.String(),
+    "failure_detail": pl.String(),
+    "trajectory": pl.String(),
+    "steps": pl.Int32(),
+    "grounding": pl.String(),
+    "used_rag": pl.Boolean(),
+    "checks": pl.List(pl.String),
+    "reflected": pl.Boolean(),
+    "format": pl.String(),
     "turns": pl.List(TURN),
     "tool_calls": pl.List(TOOL_CALL),
+    "quality": pl.Float64(),
+    "quality_reasons": pl.String(),
     "provenance": pl.String(),
 }
 SAMPLE_SCHEMA = pl.Schema({**FOUNDATION_COLUMNS, **STAGE_COLUMNS})

@@ -19,6 +19,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 
+#: The asset the main job builds, with everything upstream of it.
+MAIN_TARGET = "dialogue_files"
 #: Dagster's own step logs go to the run history (and the UI), not over the progress view.
 QUIET = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
 
@@ -76,6 +78,11 @@ class BuildProgress:
         self.rows += rows
         self.failures += int(failed)
         self._progress.update(self._task, advance=1, description=label, rows=self.rows, failures=self.failures)
+        console = self._progress.console
+        if self.enabled and not console.is_terminal:  # logs and CI: a line per run instead of a live bar
+            task = self._progress.tasks[0]
+            console.print(f"[{int(task.completed)}/{int(task.total or 0)}] {label}: rows {self.rows}, "
+                          f"failures {self.failures}, {task.elapsed or 0:.0f} s")
 
 
 def _rows(result: dg.ExecuteInProcessResult) -> dict[str, int]:
@@ -98,6 +105,16 @@ def _root_cause(err: Any) -> str:
     return " ".join(err.message.split())
 
 
+def _notes(result: dg.ExecuteInProcessResult) -> list[str]:
+    """Summaries assets want a person to read at the end of a build (paths, funnels)."""
+    out = []
+    for ev in result.get_asset_materialization_events():
+        note = ev.event_specific_data.materialization.metadata.get("mmat/summary")
+        if note is not None:
+            out.append(str(note.value))
+    return out
+
+
 def _errors(result: dg.ExecuteInProcessResult) -> list[tuple[str, str]]:
     """(step key, root-cause message) of every failed step."""
     return [(ev.step_key or "", _root_cause(ev.step_failure_data.error))
@@ -111,7 +128,10 @@ def run_build(config: Path, profile: str, select: str | None,
 
     defs = definitions_from_file(config, profile)
     graph = defs.resolve_asset_graph()
+    if not select and dg.AssetKey(MAIN_TARGET) in graph.get_all_asset_keys():
+        select = f"*{MAIN_TARGET}"
     selection = dg.AssetSelection.from_string(select) if select else dg.AssetSelection.all()
+    selection = selection.required_multi_asset_neighbors()  # a source's samples and quarantine go together
     selected = set(selection.resolve(graph))
     slices = plan(graph, selected, choose)
     assets = list(defs.assets or []) + list(defs.asset_checks or [])
@@ -131,6 +151,7 @@ class _Build:
         self.defs, self.assets, self.graph, self.instance, self.progress = defs, assets, graph, instance, progress
         self.entries: dict[str, dict[str, Any]] = {}
         self.failed_checks: list[str] = []
+        self.notes: list[str] = []
         self.failed_unpartitioned: set[dg.AssetKey] = set()
         self.failed = self.runs = 0
         #: step (op) name -> asset keys it writes, to name the asset behind a failed step
@@ -155,6 +176,7 @@ class _Build:
                                 resources=self.defs.resources, raise_on_error=False, run_config=QUIET)
         self.runs += 1
         rows, errors = _rows(result), _errors(result)
+        self.notes += _notes(result)
         for key in keys:
             entry = self._entry(key.to_user_string())
             entry["partitions"] += 1
@@ -172,4 +194,4 @@ class _Build:
 
     def summary(self) -> dict[str, Any]:
         return {"assets": list(self.entries.values()), "failed": self.failed,
-                "failed_checks": self.failed_checks, "runs": self.runs}
+                "failed_checks": self.failed_checks, "runs": self.runs, "notes": self.notes}

@@ -56,7 +56,7 @@ def test_build_materializes_selected_shards_and_reports_json(tmp_path: Path) -> 
         "columns": {"question": "question", "answer": "answer"}}}}, shards=3)
     home = tmp_path / "home"
     home.mkdir()
-    out = _run_build(cfg, home, "--shards", "0-1", "--json")
+    out = _run_build(cfg, home, "--select", "group:foundation", "--shards", "0-1", "--json")
     assert out.returncode == 0, out.stdout + out.stderr
     summary = json.loads(out.stdout)
     by_asset = {a["asset"]: a for a in summary["assets"]}

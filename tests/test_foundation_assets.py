@@ -17,7 +17,8 @@ def materialize_foundation(defs: dg.Definitions, shards: list[str]) -> tuple[dg.
     instance = dg.DagsterInstance.ephemeral()
     everything = list(defs.assets) + list(defs.asset_checks)
     graph = defs.resolve_asset_graph()
-    unpartitioned = [k for k in graph.toposorted_asset_keys if graph.get(k).partitions_def is None]
+    group = dg.AssetSelection.groups("foundation").resolve(graph)
+    unpartitioned = [k for k in graph.toposorted_asset_keys if k in group and graph.get(k).partitions_def is None]
     first = dg.materialize(everything, selection=unpartitioned, instance=instance, resources=defs.resources)
     assert first.success
     results = [first]

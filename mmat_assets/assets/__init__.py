@@ -8,7 +8,10 @@ from pathlib import Path
 
 import dagster as dg
 
-from mmat_assets.assets import foundation
+from mmat_assets.assets import foundation, stages
+from mmat_assets.assets._shared import TeacherResource
+from mmat_assets.assets.retrievers import build_retriever_assets
+from mmat_assets.assets.tools import build_tool_assets
 from mmat_assets.config import ProjectConfig, load_config
 from mmat_assets.plugins import Registry, load_registry
 from mmat_assets.resources import profile_resources
@@ -22,15 +25,39 @@ def build_definitions(cfg: ProjectConfig, profile: str = "local", registry: Regi
     environ = os.environ if environ is None else environ
     registry = registry or load_registry(environ=environ)
     assets, checks = foundation.build(cfg, registry)
+    assets += build_tool_assets(cfg, registry, _teachers(cfg, registry))
+    assets += build_retriever_assets(cfg, registry) + stages.build(cfg, registry)
     prof = cfg.profiles.get(profile)
     if prof is None:
         raise KeyError(f"profile {profile!r} is not configured (have: {sorted(cfg.profiles)})")
     endpoint = dg.EnvVar(prof.endpoint_url_env) if prof.endpoint_url_env and prof.endpoint_url_env in environ else None
-    return dg.Definitions(
-        assets=assets,
-        asset_checks=checks,
-        resources=profile_resources(cfg.profile_root(profile), endpoint),
-    )
+    resources = profile_resources(cfg.profile_root(profile), endpoint)
+    resources["teacher"] = teacher_resource(cfg, environ)
+    return dg.Definitions(assets=assets, asset_checks=checks, resources=resources)
+
+
+def teacher_resource(cfg: ProjectConfig, environ: Mapping[str, str]) -> TeacherResource:
+    """The chosen teacher; its key, if its options name a key variable, through dg.EnvVar."""
+    import json
+
+    name = cfg.stages.teacher
+    entry = cfg.teachers.get(name)
+    plugin = (entry.plugin if entry and entry.plugin else name)
+    options = dict(entry.options) if entry else {}
+    key_env = options.get("api_key_env")
+    key = dg.EnvVar(key_env) if key_env and key_env in environ else None
+    return TeacherResource(name=name, plugin=plugin, options_json=json.dumps(options), api_key=key)
+
+
+def _teachers(cfg: ProjectConfig, registry: Registry) -> dict[str, object]:
+    """Configured teachers that can be created here (for tools that need one, e.g. captions)."""
+    out: dict[str, object] = {}
+    for name, entry in cfg.teachers.items():
+        try:
+            out[name] = registry.create("teacher", entry.plugin or name, entry.options)
+        except Exception:  # a teacher that cannot be created simply offers no captions
+            continue
+    return out
 
 
 def definitions_from_file(config_path: str | Path, profile: str = "local") -> dg.Definitions:

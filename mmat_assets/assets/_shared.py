@@ -1,0 +1,90 @@
+"""What the shard-partitioned stage assets share: the teacher resource and the loop's
+environment (teacher, tools, retriever, caches) for one shard.
+No `from __future__ import annotations` here: Dagster reads resource annotations.
+"""
+
+import json
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import dagster as dg
+from pydantic import Field
+
+from mmat_assets.config import ProjectConfig
+from mmat_assets.engine.cache import ResultCache
+from mmat_assets.engine.rationale import Environment, StageSettings
+from mmat_assets.engine.tools import available_tools, configured_retrievers
+from mmat_assets.plugins import Registry
+from mmat_assets.resources import StorageResource
+
+
+class TeacherResource(dg.ConfigurableResource):
+    """The configured teacher; its API key arrives through ``dg.EnvVar``, never as config text."""
+
+    name: str = Field(description="Configured teacher name.")
+    plugin: str = Field(description="Registered teacher implementation.")
+    options_json: str = Field(default="{}", description="Teacher options as JSON (no secrets).")
+    api_key: str | None = Field(default=None, description="API key (from an environment variable).")
+
+    def create(self, registry: Registry, cfg: ProjectConfig) -> Any:
+        options = json.loads(self.options_json)
+        if self.api_key:
+            options["api_key"] = self.api_key
+        teacher = registry.create("teacher", self.plugin, options)
+        teacher.base_dir = cfg.base_dir
+        return teacher
+
+
+def stage_deps(cfg: ProjectConfig, registry: Registry) -> list[dg.AssetKey]:
+    """Tool and retriever assets a rationale depends on: upgrading one marks it stale."""
+    tools = set(registry.role("tool")) | {k for k, v in cfg.tools.items() if v.enabled}
+    keys = [dg.AssetKey(["tools", t]) for t in sorted(tools)]
+    if cfg.stages.retriever:
+        keys.append(dg.AssetKey(["retrievers", cfg.stages.retriever]))
+    return keys
+
+
+@contextmanager
+def shard_environment(cfg: ProjectConfig, registry: Registry, storage: StorageResource, teacher: TeacherResource,
+                      shard: str) -> Iterator[Environment]:
+    """Teacher, available tools, retriever and the shard's caches; caches flushed on exit."""
+    t = teacher.create(registry, cfg)
+    tools = available_tools(registry, cfg, {teacher.name: t})
+    retriever = _retriever(cfg, registry, storage)
+    root = storage.path("cache")
+    caches = {ns: ResultCache(root, ns, shard) for ns in ("tools", "retrieval", "teacher")}
+    media = storage.media()
+    s = cfg.stages
+    env = Environment(t, teacher.name, tools, retriever, caches["tools"], caches["retrieval"], caches["teacher"],
+                      media.local_path, StageSettings(s.max_steps, s.rag_k, s.concurrency, s.tool_concurrency))
+    try:
+        yield env
+    finally:
+        for cache in caches.values():
+            cache.close()
+
+
+def _retriever(cfg: ProjectConfig, registry: Registry, storage: StorageResource) -> Any:
+    name = cfg.stages.retriever
+    if not name:
+        return None
+    found = configured_retrievers(registry, cfg).get(name)
+    if found is None or found[0] is None or not found[1].ok:
+        reason = found[1].reason if found else "not configured"
+        raise RuntimeError(f"retriever {name!r} is not usable: {reason}")
+    retriever = found[0]
+    attach = getattr(retriever, "attach_index", None)
+    if callable(attach):  # the index the retrievers/<name> asset built
+        from mmat_assets.assets.retrievers import index_dir
+
+        attach(index_dir(storage, name)[0])
+    return retriever
+
+
+def cache_metadata(env: Environment) -> dict[str, Any]:
+    out = {}
+    for ns, cache in (("tools", env.tool_cache), ("retrieval", env.retrieval_cache), ("teacher", env.request_cache)):
+        if cache is not None:
+            out[f"cache_{ns}_hits"] = cache.stats.hits
+            out[f"cache_{ns}_misses"] = cache.stats.misses
+    return out

@@ -1,0 +1,174 @@
+"""Rationale → Reflection → Integration: shard-partitioned assets, one group per stage.
+
+``rationales`` (group ``rationale``) runs the teacher loop with tools and retrieval;
+``reflections`` (group ``reflection``) checks and repairs the dialogues; ``rr_samples`` and
+``orr_samples`` (group ``integration``) render what passed, and ``dialogue_files`` writes
+them as JSONL with the yield funnel. Failed rows stay in the stage tables with their
+reason and stage; only ``ok`` rows reach RR/ORR.
+No `from __future__ import annotations` here: Dagster reads the context annotations.
+"""
+
+import json
+from typing import Any
+
+import dagster as dg
+import polars as pl
+
+from mmat_assets import protocol
+from mmat_assets.assets._shared import TeacherResource, cache_metadata, shard_environment, stage_deps
+from mmat_assets.assets.foundation import shards_partitions
+from mmat_assets.config import ProjectConfig
+from mmat_assets.engine import stages
+from mmat_assets.engine.preview import counts_markdown
+from mmat_assets.plugins import Registry
+from mmat_assets.resources import StorageResource
+
+#: Bump when a stage's own logic changes the rows it writes.
+CODE_VERSIONS = {"rationales": f"1+{protocol.PROMPT_VERSION}", "reflections": "1+judge-1",
+                 "rr_samples": "1", "orr_samples": "1", "dialogue_files": "1"}
+
+
+def _md_counts(counts: dict[Any, int], key: str, title: str) -> dg.MetadataValue:
+    lines = [f"**{title}**", "", f"| {key} | rows |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in counts.items()] or ["| (none) | 0 |"]
+    return dg.MetadataValue.md("\n".join(lines))
+
+
+def _dialogue_preview(df: pl.DataFrame, n: int) -> str:
+    parts = []
+    for row in df.head(n).iter_rows(named=True):
+        turns = row["turns"] or []
+        body = "\n\n".join(f"**{t['role']}**: {t['content'][:700]}" for t in turns if t["role"] != "system")
+        parts.append(f"#### `{row['sample_id']}` ({row['source']}, {row['license']})\n\n{body}")
+    return "\n\n---\n\n".join(parts) or "(no samples)"
+
+
+def rationale_assets(cfg: ProjectConfig, registry: Registry) -> list[dg.AssetsDefinition]:
+    parts = shards_partitions(cfg)
+
+    @dg.asset(partitions_def=parts, group_name="rationale", code_version=CODE_VERSIONS["rationales"],
+              deps=stage_deps(cfg, registry), kinds={"polars"})
+    def rationales(context: dg.AssetExecutionContext, foundation_samples: pl.DataFrame,
+                   storage: StorageResource, teacher: TeacherResource) -> dg.Output[pl.DataFrame]:
+        """Multi-turn teacher rationales (SPEC §2.2) with real tool calls, one row per sample.
+
+        The teacher sees image, question and gold answer and writes JSON steps; the engine
+        runs the named tools (through the shard's result cache) and the retriever, feeds the
+        results back, until final_answer or the step limit. Every teacher request is cached
+        by its full hash as it is answered, so a killed run resumes without repeating one.
+        """
+        def progress(done: int, total: int) -> None:
+            if done == total or done % max(1, total // 10) == 0:
+                context.log.info(f"rationales: {done}/{total} samples")
+
+        with shard_environment(cfg, registry, storage, teacher, context.partition_key) as env:
+            df = stages.run_rationales(foundation_samples, env, progress)
+            meta = {"dagster/row_count": df.height, "ok": df.filter(pl.col("status") == "ok").height,
+                    "tools_offered": ", ".join(sorted(env.tools)) or "none",
+                    "failures": _md_counts(stages.failures(df), "stage:reason", "Failures"),
+                    "tool_calls_per_tool": _md_counts(stages.tool_counts(df), "tool", "Samples calling each tool"),
+                    **stages.teacher_totals(df), **cache_metadata(env)}
+        return dg.Output(df, metadata=meta)
+
+    return [rationales]
+
+
+def reflection_assets(cfg: ProjectConfig, registry: Registry) -> list[dg.AssetsDefinition]:
+    parts = shards_partitions(cfg)
+
+    @dg.asset(partitions_def=parts, group_name="reflection", code_version=CODE_VERSIONS["reflections"],
+              kinds={"polars"})
+    def reflections(context: dg.AssetExecutionContext, rationales: pl.DataFrame, storage: StorageResource,
+                    teacher: TeacherResource) -> dg.Output[pl.DataFrame]:
+        """Reflection (SPEC §2.4): deterministic checks (arithmetic, conclusion vs gold,
+        unsupported claims), then the teacher's math-gap and cheating judges where needed;
+        fixes inserted as a reflection turn; which check fired is recorded on the row."""
+        with shard_environment(cfg, registry, storage, teacher, context.partition_key) as env:
+            df = stages.run_reflections(rationales, env)
+            meta = {"dagster/row_count": df.height, "passed": df.filter(pl.col("status") == "ok").height,
+                    "reflected": df.filter(pl.col("reflected").fill_null(False)).height,
+                    "checks_fired": _md_counts(stages.check_counts(df), "check", "Reflection checks fired"),
+                    "failures": _md_counts(stages.failures(df), "stage:reason", "Failures"),
+                    **stages.teacher_totals(df), **cache_metadata(env)}
+        return dg.Output(df, metadata=meta)
+
+    return [reflections]
+
+
+def integration_assets(cfg: ProjectConfig) -> list[dg.AssetsDefinition]:
+    parts = shards_partitions(cfg)
+    n_preview = cfg.stages.preview_rows
+
+    @dg.asset(partitions_def=parts, group_name="integration", code_version=CODE_VERSIONS["rr_samples"],
+              kinds={"polars"})
+    def rr_samples(reflections: pl.DataFrame) -> dg.Output[pl.DataFrame]:
+        """RR dialogues (SPEC §2.3): one assistant turn per step in tag format, tool results
+        as user turns, the summary request and the bare gold answer; system prompt first."""
+        df = stages.rr_samples(reflections)
+        return dg.Output(df, metadata={"dagster/row_count": df.height,
+                                       "preview": dg.MetadataValue.md(_dialogue_preview(df, n_preview))})
+
+    @dg.asset(partitions_def=parts, group_name="integration", code_version=CODE_VERSIONS["orr_samples"],
+              kinds={"polars"})
+    def orr_samples(reflections: pl.DataFrame) -> dg.Output[pl.DataFrame]:
+        """ORR samples (SPEC §2.5): question plus every tool output in one user turn, all
+        thoughts joined and the answer in one assistant turn; RAG text left out."""
+        df = stages.orr_samples(reflections)
+        return dg.Output(df, metadata={"dagster/row_count": df.height,
+                                       "used_rag": df.filter(pl.col("used_rag").fill_null(False)).height,
+                                       "preview": dg.MetadataValue.md(_dialogue_preview(df, n_preview))})
+
+    @dg.asset(group_name="integration", code_version=CODE_VERSIONS["dialogue_files"], kinds={"json"},
+              ins={"foundation": dg.AssetIn("foundation_samples"), "reflected": dg.AssetIn("reflections"),
+                   "rr": dg.AssetIn("rr_samples"), "orr": dg.AssetIn("orr_samples")})
+    def dialogue_files(context: dg.AssetExecutionContext, storage: StorageResource,
+                       foundation: dict[str, pl.DataFrame], reflected: dict[str, pl.DataFrame],
+                       rr: dict[str, pl.DataFrame], orr: dict[str, pl.DataFrame]) -> dg.MaterializeResult:
+        """All shards' RR and ORR samples as JSONL (messages + provenance per line), and the
+        yield funnel: in → rationale → passed reflection → RR/ORR (the paper's Table 1 too)."""
+        all_f, all_r = _concat(foundation), _concat(reflected)
+        all_rr, all_orr = _concat(rr), _concat(orr)
+        paths = {}
+        for name, df in (("rr", all_rr), ("orr", all_orr)):
+            path = storage.path("datasets", f"{name}.jsonl")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("w", encoding="utf-8") as f:
+                for row in df.iter_rows(named=True):
+                    f.write(json.dumps(_jsonl_row(row), ensure_ascii=False) + "\n")
+            paths[name] = str(path)
+        funnel = stages.funnel(all_f, all_r, all_rr, all_orr)
+        summary = (f"RR: {paths['rr']}\nORR: {paths['orr']}\nfunnel: "
+                   + " -> ".join(f"{k} {v}" for k, v in funnel.items()))
+        context.log.info(summary)
+        return dg.MaterializeResult(metadata={
+            "rr_path": dg.MetadataValue.path(paths["rr"]), "orr_path": dg.MetadataValue.path(paths["orr"]),
+            "funnel": _md_counts(funnel, "stage", "Yield funnel"),
+            "steps_per_sample": _md_counts(stages.steps_histogram(all_r), "steps", "Steps per RR sample"),
+            "tool_calls_per_tool": _md_counts(stages.tool_counts(all_r), "tool", "Samples calling each tool"),
+            "checks_fired": _md_counts(stages.check_counts(all_r), "check", "Reflection checks fired"),
+            "failures": _md_counts(stages.failures(all_r), "stage:reason", "Failures"),
+            "rows_by_licence": dg.MetadataValue.md(counts_markdown(all_rr, ["source", "license"], "RR rows by licence")),
+            "mmat/summary": summary, **stages.teacher_totals(all_r),
+        })
+
+    return [rr_samples, orr_samples, dialogue_files]
+
+
+def _concat(parts: dict[str, pl.DataFrame] | pl.DataFrame) -> pl.DataFrame:
+    if isinstance(parts, pl.DataFrame):
+        return parts
+    frames = [parts[k] for k in sorted(parts)]
+    return pl.concat(frames, how="vertical_relaxed") if frames else pl.DataFrame()
+
+
+def _jsonl_row(row: dict[str, Any]) -> dict[str, Any]:
+    return {"id": row["sample_id"], "messages": row["turns"], "images": [i["uri"] for i in row["images"] or []],
+            "source": row["source"], "subset": row["subset"], "source_row_id": row["source_row_id"],
+            "license": row["license"], "used_rag": row["used_rag"], "checks": row["checks"],
+            "reflected": row["reflected"], "shard": row["shard"]}
+
+
+def build(cfg: ProjectConfig, registry: Registry) -> list[dg.AssetsDefinition]:
+    if not cfg.sources:
+        return []
+    return rationale_assets(cfg, registry) + reflection_assets(cfg, registry) + integration_assets(cfg)

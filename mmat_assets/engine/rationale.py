@@ -1,0 +1,290 @@
+"""Rationale stage: the multi-turn teacher loop of SPEC §2.2, one sample at a time.
+
+The teacher sees the image, the question and the gold answer and writes one JSON step at
+a time; the engine runs the tools it names (through the tool layer and its cache) and
+the retriever for its RAG query, feeds the results back, and asks again until
+``final_answer`` or the step limit. Every teacher request goes through the request cache
+keyed by the request's full hash, and is stored as soon as it is answered, so a shard
+killed half-way and rerun repeats no completed request. Failures are data: a sample that
+cannot be finished ends as an :class:`Outcome` with a reason, never as an exception.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mmat_assets import protocol
+from mmat_assets.contracts import Retriever, Teacher, TeacherError, TeacherReply, TeacherRequest, Tool
+from mmat_assets.engine.cache import ResultCache
+from mmat_assets.engine.tools import ToolCall, call_tool, search_cached, tool_prompt
+
+STEP_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "thought": {"type": "string"},
+        "operators": {"type": "array", "items": {"type": "string"}},
+        "rag": {"type": "object", "properties": {"needed": {"type": "boolean"},
+                                                 "query": {"type": ["string", "null"]}},
+                "required": ["needed", "query"], "additionalProperties": False},
+        "next_action": {"type": "string", "enum": ["continue", "final_answer"]},
+    },
+    "required": ["thought", "operators", "rag", "next_action"],
+    "additionalProperties": False,
+}
+
+TEACHER_SYSTEM = """\
+You are a careful multimodal reasoner writing a step-by-step rationale for a question about
+an image. You are given the question and its correct answer: reason toward that answer
+from evidence, but never quote or reveal the given answer as a source. Each reply is ONE
+JSON object with keys: "thought" (one short reasoning step that uses the previous results),
+"operators" (a list, possibly empty, of tools to run now; for label_bbox write
+"label_bbox[object1|object2]"), "rag" ({{"needed": true|false, "query": text or null}}: a
+text web search, only when the tools are not enough), "next_action" ("continue" or
+"final_answer"). Tools you may call:
+{tools}
+{rag_line}Use final_answer only once the reasoning reaches the answer."""
+
+
+@dataclass
+class StageSettings:
+    """Knobs of the loop (from configuration)."""
+
+    max_steps: int = 6
+    rag_k: int = 3
+    concurrency: int = 16
+    tool_concurrency: int = 2
+
+
+@dataclass
+class Environment:
+    """What a shard's loop talks to: teacher, tools, retriever and their caches."""
+
+    teacher: Teacher
+    teacher_name: str
+    tools: Mapping[str, Tool]
+    retriever: Retriever | None
+    tool_cache: ResultCache | None
+    retrieval_cache: ResultCache | None
+    request_cache: ResultCache | None
+    local_image: Callable[[str], Path]
+    settings: StageSettings = field(default_factory=StageSettings)
+    #: one lock per (tool, image, args): questions about one image wait for its first call
+    inflight: dict[str, asyncio.Lock] = field(default_factory=dict)
+
+
+@dataclass
+class Outcome:
+    """One sample's rationale: its trajectory, every call made, or why it failed."""
+
+    sample_id: str
+    trajectory: protocol.Trajectory | None
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    teacher_calls: list[dict[str, Any]] = field(default_factory=list)
+    failure: str | None = None
+    detail: str = ""
+    grounding: str = ""
+
+    @property
+    def used_rag(self) -> bool:
+        return bool(self.trajectory and any(s.rag is not None for s in self.trajectory.steps))
+
+
+class StepError(ValueError):
+    """A teacher reply that is not a valid step."""
+
+
+# ------------------------------------------------------------------------ parsing
+
+
+def parse_step_json(content: str, allowed: set[str]) -> tuple[protocol.Step, bool, str]:
+    """A protocol step from the teacher's JSON; returns (step, final, grounding note)."""
+    try:
+        data = json.loads(content)
+    except json.JSONDecodeError as exc:
+        raise StepError(f"reply is not JSON: {exc}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("thought"), str) or not data["thought"].strip():
+        raise StepError("reply has no thought")
+    ops = [_operator(o) for o in (data.get("operators") or [])]
+    unknown = [o.name for o in ops if o.name not in allowed]
+    if unknown:
+        raise StepError(f"unknown or unavailable operator(s): {', '.join(unknown)}")
+    rag = data.get("rag") or {}
+    query = rag.get("query") if isinstance(rag, dict) and rag.get("needed") else None
+    final = data.get("next_action") == "final_answer"
+    step = protocol.Step(data["thought"].strip(), ops, query.strip() if isinstance(query, str) and query.strip() else None,
+                         "end" if final else "continue")
+    return step, final, str(data.get("grounding") or "")
+
+
+def _operator(raw: Any) -> protocol.OperatorCall:
+    if isinstance(raw, dict):
+        name, args = str(raw.get("name", "")), [str(a) for a in raw.get("objects") or raw.get("args") or []]
+    else:
+        m = re.fullmatch(r"\s*([\w.-]+)\s*(?:\[(.*)\])?\s*", str(raw))
+        if not m:
+            raise StepError(f"bad operator {raw!r}")
+        name, args = m[1], (m[2] or "").split("|") if m[2] else []
+    clean = [re.sub(r"[,|\[\]]", " ", a).strip() for a in args]  # the operator syntax's own characters
+    return protocol.OperatorCall(name, [a for a in clean if a])
+
+
+# ------------------------------------------------------------------------ requests
+
+
+def first_messages(sample: Mapping[str, Any], env: Environment) -> list[dict[str, Any]]:
+    """System and opening user message of a teacher conversation about one sample."""
+    rag_line = "- rag: search the web with a text query\n" if env.retriever is not None else ""
+    system = TEACHER_SYSTEM.format(tools=tool_prompt(env.tools) or "(none)", rag_line=rag_line)
+    parts: list[dict[str, Any]] = [{"type": "image", "path": str(env.local_image(img["uri"])),
+                                    "sha256": img["sha256"]} for img in sample["images"] or []]
+    text = f"Question: {sample['prompt']}\nCorrect answer (do not quote it): {sample['answer']}"
+    if sample.get("rationale"):
+        text += f"\nA reference solution you may follow:\n{sample['rationale']}"
+    parts.append({"type": "text", "text": text})
+    return [{"role": "system", "content": system}, {"role": "user", "content": parts}]
+
+
+def step_context(sample: Mapping[str, Any], env: Environment, steps: list[protocol.Step]) -> dict[str, Any]:
+    """The structured facts behind a step request (for teachers that work from facts)."""
+    meta = sample.get("meta") or "{}"
+    return {
+        "sample_id": sample["sample_id"], "dataset": sample["dataset"], "subset": sample["subset"],
+        "question": sample["question"], "prompt": sample["prompt"], "choices": list(sample["choices"] or []),
+        "answer": sample["answer"], "answer_type": sample["answer_type"], "rationale": sample.get("rationale"),
+        "meta": json.loads(meta) if isinstance(meta, str) else meta,
+        "tools": sorted(env.tools), "retrieval": env.retriever is not None,
+        "steps": [{"thought": s.thought, "operators": [o.render() for o in s.operators], "rag": s.rag,
+                   "results": [asdict(r) for r in s.results]} for s in steps],
+    }
+
+
+def _step_message(step: protocol.Step) -> dict[str, Any]:
+    body = {"thought": step.thought, "operators": [o.render() for o in step.operators],
+            "rag": {"needed": step.rag is not None, "query": step.rag},
+            "next_action": "final_answer" if step.signal == "end" else "continue"}
+    return {"role": "assistant", "content": json.dumps(body, ensure_ascii=False)}
+
+
+def _feedback_message(step: protocol.Step) -> dict[str, Any]:
+    return {"role": "user", "content": protocol.render_feedback(step)}
+
+
+async def ask(env: Environment, request: TeacherRequest) -> tuple[TeacherReply, dict[str, Any]]:
+    """One teacher request through the request cache; returns the reply and its record."""
+    model = env.teacher.model or f"{env.teacher.name}@{env.teacher.version}"
+    key = request.fingerprint(model)
+    hit = env.request_cache.get(key) if env.request_cache is not None else None
+    if hit is not None:
+        reply = TeacherReply(**hit)
+    else:
+        reply = await env.teacher.acomplete(request)
+        if env.request_cache is not None:
+            env.request_cache.put(key, asdict(reply))  # stored as it arrives: a rerun resumes here
+    record = {"teacher": env.teacher_name, "model": reply.model or model, "kind": request.kind,
+              "prompt_version": request.prompt_version, "request_hash": key,
+              "prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
+              "cost_usd": reply.cost_usd, "cached": hit is not None}
+    return reply, record
+
+
+# ---------------------------------------------------------------------------- loop
+
+
+async def run_sample(sample: Mapping[str, Any], env: Environment, tool_gate: asyncio.Semaphore) -> Outcome:
+    """The teacher loop for one sample; never raises for the sample's own failures."""
+    out = Outcome(sample["sample_id"], None)
+    steps: list[protocol.Step] = []
+    messages = first_messages(sample, env)
+    try:
+        for _ in range(env.settings.max_steps):
+            request = TeacherRequest("step", list(messages), protocol.PROMPT_VERSION, STEP_SCHEMA,
+                                     {"temperature": 0}, step_context(sample, env, steps))
+            reply, record = await ask(env, request)
+            out.teacher_calls.append(record)
+            step, final, grounding = parse_step_json(reply.content, set(env.tools))
+            out.grounding = grounding or out.grounding
+            steps.append(step)
+            if final:
+                out.trajectory = protocol.Trajectory(sample["prompt"], steps, sample["answer"])
+                return out
+            await _act(step, sample, env, out, tool_gate)
+            messages += [_step_message(step), _feedback_message(step)]
+        out.failure, out.detail = "step_limit", f"no final_answer within {env.settings.max_steps} steps"
+    except TeacherError as exc:
+        out.failure, out.detail = f"teacher_{exc.reason}", str(exc)
+    except StepError as exc:
+        out.failure, out.detail = "bad_step", str(exc)
+    out.trajectory = protocol.Trajectory(sample["prompt"], steps, sample["answer"]) if steps else None
+    return out
+
+
+async def _act(step: protocol.Step, sample: Mapping[str, Any], env: Environment, out: Outcome,
+               tool_gate: asyncio.Semaphore) -> None:
+    """Run the step's tools and search; attach their texts as the step's results."""
+    images = sample["images"] or []
+    for op in step.operators:
+        tool = env.tools[op.name]
+        args = {"objects": op.args} if op.args else {}
+        if not images:
+            step.results.append(protocol.Result(op.name, "No image is available for this tool."))
+            continue
+        key = f"{op.name}\x1f{images[0]['sha256']}\x1f{json.dumps(args, sort_keys=True)}"
+        async with env.inflight.setdefault(key, asyncio.Lock()), tool_gate:
+            call: ToolCall = await asyncio.to_thread(
+                call_tool, tool, env.local_image(images[0]["uri"]), images[0]["sha256"], args, env.tool_cache)
+        out.tool_calls.append({**call.to_dict(), "step": len(out.teacher_calls) - 1})
+        text = call.text if call.error is None else f"The {op.name} tool failed on this image."
+        step.results.append(protocol.Result(op.name, text))
+    if step.rag is not None:
+        step.results.append(protocol.Result("rag", await _search(step.rag, env, out)))
+
+
+async def _search(query: str, env: Environment, out: Outcome) -> str:
+    if env.retriever is None:
+        return "Search is not available."
+    try:
+        passages, cached = await asyncio.to_thread(search_cached, env.retriever, query, env.settings.rag_k,
+                                                   env.retrieval_cache)
+    except Exception as exc:  # a search outage is a failed call, not a failed shard
+        out.tool_calls.append({"tool": "rag", "version": env.retriever.version, "args": json.dumps({"query": query}),
+                               "cache_key": "", "text": "", "error": f"{type(exc).__name__}: {exc}",
+                               "step": len(out.teacher_calls) - 1})
+        return "The search failed."
+    text = " ".join(f"[{i + 1}] {p.title}: {p.text}" for i, p in enumerate(passages)) or "No results."
+    out.tool_calls.append({"tool": "rag", "version": env.retriever.version,
+                           "args": json.dumps({"query": query, "k": env.settings.rag_k}), "cache_key": "",
+                           "text": text, "error": None, "cached": cached, "step": len(out.teacher_calls) - 1})
+    return text
+
+
+async def run_shard(samples: list[Mapping[str, Any]], env: Environment,
+                    progress: Callable[[int, int], None] | None = None) -> list[Outcome]:
+    """Every sample of a shard, ``concurrency`` at a time; results in input order."""
+    gate = asyncio.Semaphore(env.settings.concurrency)
+    tool_gate = asyncio.Semaphore(env.settings.tool_concurrency)
+    done = 0
+    started = time.perf_counter()
+
+    async def one(sample: Mapping[str, Any]) -> Outcome:
+        nonlocal done
+        async with gate:
+            try:
+                result = await run_sample(sample, env, tool_gate)
+            except Exception as exc:  # an engine bug on one row must not take the shard down
+                result = Outcome(sample["sample_id"], None, failure="internal_error",
+                                 detail=f"{type(exc).__name__}: {exc}")
+        done += 1
+        if progress is not None:
+            progress(done, len(samples))
+        return result
+
+    results = await asyncio.gather(*(one(s) for s in samples))
+    _ = time.perf_counter() - started
+    return list(results)

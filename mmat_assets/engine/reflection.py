@@ -1,0 +1,341 @@
+"""Reflection stage (SPEC §2.4): cheap deterministic checks first, the teacher's judge after.
+
+Deterministic checks, on every dialogue:
+
+- ``arithmetic`` — every ``a op b ... = c`` in a thought is recomputed; a wrong result is
+  fixed by a math reflection that redoes the computation;
+- ``conclusion`` — the dialogue's own conclusion must equal the gold answer under
+  answer-type-aware normalisation; a wrong conclusion keeps the row out;
+- ``unsupported_claim`` — a thought that names a tool never called, or a number that no
+  tool returned, the question does not hold and no computation produced.
+
+The teacher's ``math_gap`` and ``cheating`` judges run only where needed: ``math_gap`` when
+a numeric answer is never computed in the thoughts, ``cheating`` when a claim is
+unsupported or a tool failed. A fix goes in exactly as SPEC §2.4 says: the old final
+step continues, a self-doubt turn signals ``reflection``, the corrected thought ends.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import operator
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from mmat_assets import protocol
+from mmat_assets.contracts import TeacherError, TeacherRequest
+from mmat_assets.engine.answers import contains_answer, numbers_in, to_number
+
+JUDGE_VERSION = "judge-1"
+
+SELF_DOUBT = {
+    "math": ("Wait, I think my reasoning above needs more math. Let me work on it.",
+             "Hold on, I should check the calculation above before answering.",
+             "Wait, let me redo the arithmetic to be sure.",
+             "Let me double-check the numbers in my reasoning."),
+    "evidence": ("Wait, I claimed more than the tools actually showed. Let me reconsider.",
+                 "Hold on, my reasoning does not really follow from the results I have.",
+                 "Wait, I should only rely on what the tools returned. Let me look again."),
+}
+
+MATH_GAP_PROMPT = """\
+Below is a step-by-step dialogue that answers a question, then its last two rounds again.
+Did the reasoning skip a calculation between those rounds? Reply with one JSON object:
+{{"reason": "...", "thought": "<the missing derivation, as one reasoning step>" or null}}.
+
+Dialogue:
+{dialogue}
+
+Last two rounds:
+{last}"""
+
+CHEATING_PROMPT = """\
+Below is a step-by-step dialogue about an image, without its final answer. Does the
+reasoning really reach its conclusion from what the tools returned, or does it claim
+success it did not earn (a tool failed or returned nothing, yet it says it found the
+answer)? Reply with one JSON object: {{}} if the reasoning is sound, otherwise
+{{"reason": "...", "thought": "<a corrected reasoning step that uses only the evidence>" or null}}.
+
+Dialogue:
+{dialogue}"""
+
+JUDGE_SCHEMA = {"type": "object", "properties": {"reason": {"type": "string"},
+                                                 "thought": {"type": ["string", "null"]}}}
+
+_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
+_DIGITS = r"(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"
+_NUMBER = rf"\$?\(?-?{_DIGITS}\)?%?"
+_RESULT = rf"-?\$?-?{_DIGITS}%?"
+_EQUATION = re.compile(rf"(?<![\w.])({_NUMBER}(?:\s*[-+*/×÷]\s*{_NUMBER})+)\s*=\s*({_RESULT})(?![\d/])")
+#: Phrases that claim a tool's output (not ones that merely plan to call it).
+_CLAIM = r"(?:reads|read|shows|showed|gives|gave|returned|returns|found|finds|says|said|reports|reported|results?)"
+TOOL_MENTIONS = {"ocr": re.compile(rf"\bOCR {_CLAIM}\b", re.I),
+                 "face_detection": re.compile(rf"\bfaces? (?:detected|found)\b|\bface detection {_CLAIM}\b", re.I),
+                 "label_bbox": re.compile(rf"\b(?:detector|label_bbox) {_CLAIM}\b", re.I),
+                 "rag": re.compile(rf"\bthe search {_CLAIM}\b", re.I)}
+
+
+@dataclass
+class Finding:
+    """One check that fired on a dialogue."""
+
+    check: str
+    detail: str
+    fix: str | None = None
+
+
+@dataclass
+class Verdict:
+    """What reflection decided for one dialogue."""
+
+    trajectory: protocol.Trajectory | None
+    checks: list[str] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
+    failure: str | None = None
+    detail: str = ""
+    reflected: bool = False
+
+
+# --------------------------------------------------------------------- arithmetic
+
+
+def _evaluate(expr: str) -> float | None:
+    clean = expr.replace("×", "*").replace("÷", "/").replace("$", "").replace(",", "").replace("%", "")
+    try:
+        return _eval(ast.parse(clean, mode="eval").body)
+    except (SyntaxError, ZeroDivisionError, ValueError, TypeError, KeyError):
+        return None
+
+
+def _eval(node: ast.AST) -> float:
+    if isinstance(node, ast.Constant) and isinstance(node.value, int | float):
+        return float(node.value)
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+        return -_eval(node.operand)
+    if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
+        return _OPS[type(node.op)](_eval(node.left), _eval(node.right))
+    raise ValueError("not arithmetic")
+
+
+def _close(value: float, shown: str) -> bool:
+    """Equal up to the precision the thought wrote (``10 / 3 = 3.33`` is right)."""
+    decimals = len(shown.split(".")[1]) if "." in shown else 0
+    target = to_number(shown)
+    if target is None:
+        return True
+    return abs(value - target) <= 0.5 * 10 ** -decimals + 1e-9 or abs(value - target) <= 1e-6 * abs(target)
+
+
+def check_arithmetic(t: protocol.Trajectory) -> list[Finding]:
+    found = []
+    for step in t.steps:
+        for m in _EQUATION.finditer(step.thought):
+            value = _evaluate(m[1])
+            if value is not None and not _close(value, m[2]):
+                right = f"{value:.2f}".rstrip("0").rstrip(".")
+                found.append(Finding("arithmetic", f"{m[1]} = {m[2]} is wrong; it is {right}",
+                                     f"Recomputing: {m[1].strip()} = {right}."))
+    return found
+
+
+# ------------------------------------------------------------------ conclusion / claims
+
+
+def check_conclusion(t: protocol.Trajectory, answer_type: str | None, choices: list[str]) -> Finding | None:
+    final = t.steps[-1].thought if t.steps else ""
+    if contains_answer(final, t.answer, answer_type, choices):
+        return None
+    return Finding("conclusion", f"the final thought does not conclude {t.answer!r}: {final[-160:]!r}")
+
+
+def _derived(t: protocol.Trajectory) -> set[float]:
+    """Numbers produced by computations written in the thoughts (right-hand sides)."""
+    out = set()
+    for step in t.steps:
+        for m in re.finditer(rf"=\s*({_RESULT})", step.thought):
+            v = to_number(m[1])
+            if v is not None:
+                out.add(round(abs(v), 4))
+    return out
+
+
+def check_claims(t: protocol.Trajectory, question: str, choices: list[str],
+                 image_numbers: set[float] | None = None) -> list[Finding]:
+    """Claims no evidence backs. ``image_numbers``: numbers the source says the image holds
+    (a TabMWP table's text); such a number must have come back from a tool, however small."""
+    found: list[Finding] = []
+    called: set[str] = set()
+    sources = {round(abs(n), 4) for n in numbers_in(question + " " + " ".join(choices))}
+    sources |= _derived(t)
+    gold = to_number(t.answer)
+    in_image = image_numbers or set()
+    for step in t.steps:
+        for tool, pattern in TOOL_MENTIONS.items():
+            if pattern.search(step.thought) and tool not in called:
+                found.append(Finding("unsupported_claim", f"the thought cites {tool} output, but {tool} was never run"))
+        for n in numbers_in(step.thought, ratios=False):  # a fraction written is itself a computation
+            v = round(abs(n), 4)
+            small = v <= 10 and v == int(v) and v not in in_image  # counts and ordinals, not table values
+            if v in sources or small or (gold is not None and v == round(abs(gold), 4) and v not in in_image):
+                continue
+            found.append(Finding("unsupported_claim", f"the number {n:g} is in no tool result, question or computation"))
+        called |= {o.name for o in step.operators} | ({"rag"} if step.rag is not None else set())
+        for r in step.results:
+            sources |= {round(abs(n), 4) for n in numbers_in(r.text)}
+    return _dedup(found)
+
+
+def _dedup(found: list[Finding]) -> list[Finding]:
+    seen, out = set(), []
+    for f in found:
+        if f.detail not in seen:
+            seen.add(f.detail)
+            out.append(f)
+    return out
+
+
+# -------------------------------------------------------------------------- fixing
+
+
+def insert_reflection(t: protocol.Trajectory, phrase: str, corrected: str) -> protocol.Trajectory:
+    """SPEC §2.4: the old final step continues, a self-doubt turn reflects, the fix ends."""
+    steps = [protocol.Step(s.thought, list(s.operators), s.rag, s.signal, list(s.results)) for s in t.steps]
+    steps[-1].signal, steps[-1].results = "continue", []
+    steps.append(protocol.Step(phrase, [], None, "reflection", []))
+    steps.append(protocol.Step(corrected, [], None, "end", []))
+    return protocol.Trajectory(t.prompt, steps, t.answer, t.system)
+
+
+def pick_phrase(kind: str, sample_id: str) -> str:
+    """A self-doubt phrase from the pool, chosen by the sample id (stable across runs)."""
+    pool = SELF_DOUBT[kind]
+    return pool[int(sample_id[:8], 16) % len(pool)] if re.fullmatch(r"[0-9a-f]{8,}", sample_id[:8] or "") else pool[0]
+
+
+def judge_messages(prompt: str) -> list[dict[str, Any]]:
+    return [{"role": "system", "content": "You are a strict reviewer of reasoning. Reply with JSON only."},
+            {"role": "user", "content": prompt}]
+
+
+def dialogue_text(t: protocol.Trajectory, with_answer: bool = True) -> str:
+    msgs = protocol.render_rr(t)
+    if not with_answer:
+        msgs = msgs[:-2]
+    return "\n".join(f"{m['role'].upper()}: {m['content']}" for m in msgs if m["role"] != "system")
+
+
+def math_gap_request(t: protocol.Trajectory) -> TeacherRequest:
+    msgs = protocol.render_rr(t)
+    last = "\n".join(f"{m['role'].upper()}: {m['content']}" for m in msgs[-6:-2])
+    prompt = MATH_GAP_PROMPT.format(dialogue=dialogue_text(t), last=last)
+    return TeacherRequest("judge", judge_messages(prompt), JUDGE_VERSION, JUDGE_SCHEMA, {"temperature": 0},
+                          {"check": "math_gap"})
+
+
+def cheating_request(t: protocol.Trajectory) -> TeacherRequest:
+    prompt = CHEATING_PROMPT.format(dialogue=dialogue_text(t, with_answer=False))
+    return TeacherRequest("judge", judge_messages(prompt), JUDGE_VERSION, JUDGE_SCHEMA, {"temperature": 0},
+                          {"check": "cheating"})
+
+
+def parse_judge(content: str) -> dict[str, Any]:
+    try:
+        data = json.loads(content)
+    except json.JSONDecodeError:
+        return {"reason": "unparseable judge reply"}
+    return data if isinstance(data, dict) else {"reason": "judge reply is not an object"}
+
+
+def needs_math_gap(t: protocol.Trajectory, answer_type: str | None) -> bool:
+    """A numeric answer that no thought computes (no ``= answer``) may hide a skipped step."""
+    gold = to_number(t.answer)
+    if answer_type != "number" or gold is None:
+        return False
+    return round(abs(gold), 4) not in _derived(t)
+
+
+def _image_numbers(sample: Mapping[str, Any]) -> set[float]:
+    meta = sample.get("meta") or "{}"
+    meta = json.loads(meta) if isinstance(meta, str) else meta
+    table = meta.get("table") if isinstance(meta, dict) else None
+    return {round(abs(n), 4) for n in numbers_in(table)} if isinstance(table, str) else set()
+
+
+def deterministic(t: protocol.Trajectory, sample: Mapping[str, Any], tool_errors: int) -> tuple[list[Finding], list[str]]:
+    """Run the cheap checks; return findings and which LLM checks are needed."""
+    choices = list(sample.get("choices") or [])
+    findings = check_arithmetic(t) + check_claims(t, sample["question"], choices, _image_numbers(sample))
+    conclusion = check_conclusion(t, sample.get("answer_type"), choices)
+    if conclusion:
+        findings.append(conclusion)
+    llm = []
+    if needs_math_gap(t, sample.get("answer_type")):
+        llm.append("math_gap")
+    if any(f.check == "unsupported_claim" for f in findings) or tool_errors:
+        llm.append("cheating")
+    return findings, llm
+
+
+__all__ = ["Finding", "Verdict", "TeacherError", "deterministic", "insert_reflection", "pick_phrase",
+           "math_gap_request", "cheating_request", "parse_judge"]
+
+
+# ---------------------------------------------------------------------- orchestration
+
+
+async def reflect(sample: Mapping[str, Any], t: protocol.Trajectory, tool_errors: int, env: Any,
+                  calls: list[dict[str, Any]]) -> Verdict:
+    """Decide one dialogue: pass, fix with a reflection, or keep out with a reason."""
+    from mmat_assets.engine.rationale import ask
+
+    findings, llm = deterministic(t, sample, tool_errors)
+    verdict = Verdict(t, sorted({f.check for f in findings}), findings)
+    if any(f.check == "conclusion" for f in findings):
+        return _fail(verdict, "wrong_answer", next(f.detail for f in findings if f.check == "conclusion"))
+    math_fixes = [f.fix for f in findings if f.fix]
+    evidence_fix: str | None = None
+    judged_sound = False
+    for check in llm:
+        request = math_gap_request(t) if check == "math_gap" else cheating_request(t)
+        try:
+            reply, record = await ask(env, request)
+        except TeacherError as exc:
+            if exc.reason == "unsupported":
+                continue  # this teacher cannot judge: the deterministic verdict stands
+            return _fail(verdict, f"teacher_{exc.reason}", str(exc))
+        calls.append(record)
+        data = parse_judge(reply.content)
+        if check == "math_gap" and data.get("thought"):
+            verdict.checks.append("math_gap")
+            math_fixes.append(str(data["thought"]))
+        elif check == "cheating":
+            if not data.get("reason"):
+                judged_sound = True
+                continue
+            verdict.checks.append("cheating")
+            if not data.get("thought"):
+                return _fail(verdict, "cheating", str(data["reason"]))
+            evidence_fix = str(data["thought"])
+    if not judged_sound and evidence_fix is None:
+        if tool_errors:  # the root cause: claims then lack evidence because a tool failed
+            return _fail(verdict, "tool_error", f"{tool_errors} tool call(s) failed")
+        if any(f.check == "unsupported_claim" for f in findings):
+            return _fail(verdict, "unsupported_claim",
+                         "; ".join(f.detail for f in findings if f.check == "unsupported_claim")[:500])
+    fixes = ([evidence_fix] if evidence_fix else []) + math_fixes
+    if fixes:
+        kind = "evidence" if evidence_fix else "math"
+        corrected = " ".join(fixes) + f" So the answer is {t.answer}."
+        verdict.trajectory = insert_reflection(t, pick_phrase(kind, str(sample["sample_id"])), corrected)
+        verdict.reflected = True
+    verdict.checks = sorted(set(verdict.checks))
+    return verdict
+
+
+def _fail(verdict: Verdict, reason: str, detail: str) -> Verdict:
+    verdict.failure, verdict.detail = reason, detail
+    verdict.checks = sorted(set(verdict.checks))
+    return verdict

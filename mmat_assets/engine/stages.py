@@ -1,0 +1,219 @@
+"""Shard-level glue of the rationale, reflection and integration stages (no Dagster).
+
+Each function takes one shard's table and returns the next stage's table in the record
+schema; failed rows stay in the stage tables with ``status = failed`` and their reason, and
+only ``ok`` rows move on to the RR/ORR outputs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import asdict
+from typing import Any
+
+import polars as pl
+
+from mmat_assets import protocol, records
+from mmat_assets.engine import reflection as refl
+from mmat_assets.engine.rationale import Environment, Outcome, run_shard
+
+RR_SYSTEM = """\
+You are a multimodal reasoner that solves a question about an image step by step. In each
+turn write one short thought in <THOUGHT>...</THOUGHT>. To run vision tools on the image,
+name them in <OPERATOR>...</OPERATOR> (comma-separated; label_bbox takes object names as
+label_bbox[cat|dog]); to search the web, write a query in <RAG>...</RAG>. End every turn
+with <SIGNAL>continue</SIGNAL>, <SIGNAL>reflection</SIGNAL> to re-examine your reasoning, or
+<SIGNAL>end</SIGNAL> once the reasoning reaches the answer. Tool and search results come
+back in the next user turn. Tools: ocr (read text), label_bbox (find objects, boxes 0-1),
+face_detection (count and locate faces), image_caption (describe the scene)."""
+
+ORR_SYSTEM = """\
+You are a multimodal reasoner. The question comes with the outputs of vision tools run on
+the image, each between <|begin_api_invoke|>tool<|end_api_invoke|> and
+<|begin_result_of_api|>...<|end_result_of_api|>. Reason in one <THOUGHT>...</THOUGHT>,
+then answer as <ANSWER>The answer is: ...</ANSWER>."""
+
+
+def with_prompts(df: pl.DataFrame) -> list[dict[str, Any]]:
+    rows = df.to_dicts()
+    for r in rows:
+        r["prompt"] = protocol.question_prompt(r["question"], r["choices"], r["style"])
+    return rows
+
+
+def trajectory_json(t: protocol.Trajectory | None) -> str | None:
+    return json.dumps(asdict(t), ensure_ascii=False) if t is not None else None
+
+
+def trajectory_from_json(text: str) -> protocol.Trajectory:
+    d = json.loads(text)
+    steps = [protocol.Step(s["thought"], [protocol.OperatorCall(**o) for o in s["operators"]], s["rag"], s["signal"],
+                           [protocol.Result(**r) for r in s["results"]]) for s in d["steps"]]
+    return protocol.Trajectory(d["prompt"], steps, d["answer"], d.get("system", ""))
+
+
+def _tool_call_rows(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    keep = ("tool", "version", "args", "cache_key", "text", "error")
+    return [{k: (None if c.get(k) is None else str(c.get(k))) for k in keep} for c in calls]
+
+
+def _provenance(old: str | None, **extra: Any) -> str:
+    base = json.loads(old) if old else {}
+    for key, value in extra.items():
+        if isinstance(value, list) and isinstance(base.get(key), list):
+            base[key] = base[key] + value
+        else:
+            base[key] = value
+    return json.dumps(base, ensure_ascii=False, sort_keys=True)
+
+
+# ------------------------------------------------------------------------ rationale
+
+
+def run_rationales(df: pl.DataFrame, env: Environment,
+                   progress: Callable[[int, int], None] | None = None) -> pl.DataFrame:
+    """The teacher loop over one shard; every input row comes out, ok or failed."""
+    rows = with_prompts(df)
+    outcomes = asyncio.run(run_shard(rows, env, progress))
+    return records.conform(pl.DataFrame([_rationale_row(r, o) for r, o in zip(rows, outcomes, strict=True)],
+                                        schema=records.SAMPLE_SCHEMA, strict=False))
+
+
+def _rationale_row(row: dict[str, Any], o: Outcome) -> dict[str, Any]:
+    tool_errors = sum(1 for c in o.tool_calls if c.get("error"))
+    out = {k: row[k] for k in records.FOUNDATION_COLUMNS}
+    out.update(
+        status="failed" if o.failure else "ok",
+        failure=o.failure, failure_stage="rationale" if o.failure else None, failure_detail=o.detail or None,
+        trajectory=trajectory_json(o.trajectory), steps=len(o.trajectory.steps) if o.trajectory else 0,
+        grounding=o.grounding, used_rag=o.used_rag, tool_calls=_tool_call_rows(o.tool_calls),
+        provenance=_provenance(row.get("provenance"), teacher_calls=o.teacher_calls, tool_errors=tool_errors),
+    )
+    return out
+
+
+# ----------------------------------------------------------------------- reflection
+
+
+def run_reflections(df: pl.DataFrame, env: Environment) -> pl.DataFrame:
+    """Deterministic checks then judges on every ok rationale; failed rows pass through."""
+    rows = with_prompts(df)
+    return records.conform(pl.DataFrame(asyncio.run(_reflect_all(rows, env)), schema=records.SAMPLE_SCHEMA,
+                                        strict=False))
+
+
+async def _reflect_all(rows: list[dict[str, Any]], env: Environment) -> list[dict[str, Any]]:
+    gate = asyncio.Semaphore(env.settings.concurrency)
+
+    async def one(row: dict[str, Any]) -> dict[str, Any]:
+        row = {k: row[k] for k in records.SAMPLE_SCHEMA}
+        if row["status"] != "ok" or not row["trajectory"]:
+            return row
+        async with gate:
+            return await _reflect_row(row, env)
+
+    return list(await asyncio.gather(*(one(r) for r in rows)))
+
+
+async def _reflect_row(row: dict[str, Any], env: Environment) -> dict[str, Any]:
+    calls: list[dict[str, Any]] = []
+    prov = json.loads(row["provenance"] or "{}")
+    try:
+        verdict = await refl.reflect(row, trajectory_from_json(row["trajectory"]), int(prov.get("tool_errors", 0)),
+                                     env, calls)
+    except Exception as exc:  # an engine bug on one row must not take the shard down
+        verdict = refl.Verdict(None, failure="internal_error", detail=f"{type(exc).__name__}: {exc}")
+    row.update(checks=verdict.checks, reflected=verdict.reflected,
+               provenance=_provenance(row["provenance"], teacher_calls=calls,
+                                      findings=[asdict(f) for f in verdict.findings]))
+    if verdict.trajectory is not None:
+        row.update(trajectory=trajectory_json(verdict.trajectory), steps=len(verdict.trajectory.steps))
+    if verdict.failure:
+        row.update(status="failed", failure=verdict.failure, failure_stage="reflection",
+                   failure_detail=verdict.detail[:2000])
+    return row
+
+
+# ---------------------------------------------------------------------- integration
+
+
+def _passed(df: pl.DataFrame) -> pl.DataFrame:
+    return df.filter(pl.col("status") == "ok")
+
+
+def rr_samples(df: pl.DataFrame, system: str = RR_SYSTEM) -> pl.DataFrame:
+    """RR dialogues (SPEC §2.3) of the rows that passed, system prompt stored with each."""
+    ok = _passed(df)
+    turns = [protocol.render_rr(_with_system(t, system)) for t in ok["trajectory"]]
+    return records.conform(ok.with_columns(format=pl.lit("rr"), turns=pl.Series(turns, dtype=records.SAMPLE_SCHEMA["turns"])))
+
+
+def orr_samples(df: pl.DataFrame, system: str = ORR_SYSTEM) -> pl.DataFrame:
+    """ORR one-turn samples (SPEC §2.5); RAG text left out, ``used_rag`` kept for filtering."""
+    ok = _passed(df)
+    turns = [protocol.render_orr(protocol.to_one_turn(trajectory_from_json(t), system)) for t in ok["trajectory"]]
+    return records.conform(ok.with_columns(format=pl.lit("orr"), turns=pl.Series(turns, dtype=records.SAMPLE_SCHEMA["turns"])))
+
+
+def _with_system(text: str, system: str) -> protocol.Trajectory:
+    t = trajectory_from_json(text)
+    t.system = system
+    return t
+
+
+# ---------------------------------------------------------------------------- stats
+
+
+def teacher_totals(df: pl.DataFrame) -> dict[str, float]:
+    tokens_in = tokens_out = calls = cached = 0
+    cost = 0.0
+    for prov in df["provenance"].drop_nulls():
+        for c in json.loads(prov).get("teacher_calls", []):
+            calls += 1
+            cached += bool(c.get("cached"))
+            tokens_in += int(c.get("prompt_tokens") or 0)
+            tokens_out += int(c.get("completion_tokens") or 0)
+            cost += float(c.get("cost_usd") or 0.0)
+    return {"teacher_calls": calls, "teacher_calls_cached": cached, "prompt_tokens": tokens_in,
+            "completion_tokens": tokens_out, "cost_usd": round(cost, 6)}
+
+
+def tool_counts(df: pl.DataFrame) -> dict[str, int]:
+    """Tool calls per tool over the ok rows (the paper's Table 1 counts)."""
+    counts: Counter[str] = Counter()
+    for calls in _passed(df)["tool_calls"].drop_nulls():
+        counts.update({c["tool"] for c in calls})  # per sample: did it call the tool
+    return dict(counts)
+
+
+def failures(df: pl.DataFrame) -> dict[str, int]:
+    f = df.filter(pl.col("status") == "failed")
+    return {f"{s}:{r}": n for s, r, n in f.group_by("failure_stage", "failure").len().sort("len", descending=True).iter_rows()}
+
+
+def check_counts(df: pl.DataFrame) -> dict[str, int]:
+    counts: Counter[str] = Counter()
+    for checks in df["checks"].drop_nulls():
+        counts.update(checks)
+    return dict(counts)
+
+
+def steps_histogram(df: pl.DataFrame) -> dict[int, int]:
+    ok = _passed(df)
+    return {int(k): int(v) for k, v in ok.group_by("steps").len().sort("steps").iter_rows()}
+
+
+def summarise(rows: Mapping[str, int]) -> str:
+    return ", ".join(f"{k}: {v}" for k, v in rows.items()) or "none"
+
+
+def funnel(foundation: pl.DataFrame, reflected: pl.DataFrame, rr: pl.DataFrame, orr: pl.DataFrame) -> dict[str, int]:
+    """Rows at each stage: in -> rationale ok -> passed reflection -> RR / ORR."""
+    rationale_ok = reflected.filter((pl.col("status") == "ok") | (pl.col("failure_stage") == "reflection")).height \
+        if reflected.height else 0
+    return {"in": foundation.height, "rationale": rationale_ok,
+            "reflection": reflected.filter(pl.col("status") == "ok").height if reflected.height else 0,
+            "rr": rr.height, "orr": orr.height}

