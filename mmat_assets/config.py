@@ -66,6 +66,39 @@ class StagesConfig(_Model):
     preview_rows: int = Field(default=3, description="Dialogues rendered in the UI preview.")
 
 
+class ExportConfig(_Model):
+    """What the exporters take, and the student whose template pre-flight checks against."""
+
+    exporters: list[str] | None = Field(default=None, description="Exporters to run (None: every registered one).")
+    formats: list[str] = Field(default_factory=lambda: ["rr", "orr"], description="Which of rr / orr to export.")
+    filter: dict[str, Any] = Field(default_factory=dict, description="ExportFilter fields: sources, licenses, "
+                                   "commercial_only, min_quality, used_rag, reflected.")
+    max_length: int = Field(default=2048, description="Max tokens per record for the target student.")
+    student: str = Field(default="offline", description="Student for pre-flight and training: 'offline' (LLaVA "
+                         "with SmolLM2-135M, built locally), a hub id or a local path.")
+
+
+class TrainingConfig(_Model):
+    """The training run (SPEC §3 defaults) and the evaluation after it."""
+
+    trainer: str = Field(default="hf_lora", description="Registered trainer.")
+    data: str = Field(default="rr", description="Which export trains the student: rr or orr.")
+    exporter: str = Field(default="ms_swift", description="Exporter whose files the trainer reads.")
+    options: dict[str, Any] = Field(default_factory=dict, description="Trainer options (lr, max_steps, ...).")
+
+
+class EvaluationConfig(_Model):
+    """Which benchmarks and modes the base and tuned students are scored on."""
+
+    benchmarks: dict[str, ComponentConfig] = Field(default_factory=dict, description="Benchmarks by name.")
+    modes: list[str] = Field(default_factory=lambda: ["baseline", "orr", "rr"], description="Harness modes.")
+    limit: int | None = Field(default=None, description="Items per benchmark (None: all).")
+    exclude_training_rows: bool = Field(default=True, description="Skip items whose id the training export holds.")
+    max_steps: int = Field(default=6, description="Step cap of the RR agent loop.")
+    max_new_tokens: int = Field(default=64, description="Tokens per generation.")
+    orr_tools: list[str] = Field(default_factory=lambda: ["ocr"], description="Tools run before an ORR generation.")
+
+
 class ProfileConfig(_Model):
     """Where a profile keeps tables and media."""
 
@@ -93,6 +126,9 @@ class ProjectConfig(_Model):
         description="Configured teachers by name; `stages.teacher` picks one.",
     )
     stages: StagesConfig = Field(default_factory=StagesConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     profiles: dict[str, ProfileConfig] = Field(
         default_factory=lambda: {"local": ProfileConfig(root=".mmat")},
         description="Storage per profile (local, prod).",

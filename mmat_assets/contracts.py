@@ -252,11 +252,13 @@ class Judge(Component):
 
 
 class Exporter(Component):
-    """Writes samples in one fine-tuning framework's format."""
+    """Writes pre-flighted records in one fine-tuning framework's format."""
 
     @abstractmethod
-    def export(self, samples: Any, out_dir: Path) -> dict[str, Any]:
-        """Write ``samples`` (a polars DataFrame) under ``out_dir``; return metadata."""
+    def export(self, records: Mapping[str, list[Any]], out_dir: Path, context: Mapping[str, Any]) -> dict[str, Any]:
+        """Write ``records`` (``mmat_assets.engine.export.Record`` lists by format, ``rr`` and
+        ``orr``) under ``out_dir``; ``context`` has what a dataset card needs (licences,
+        teachers, tool versions, stage counts, system prompts). Return the paths written."""
 
 
 class Trainer(Component):

@@ -37,3 +37,20 @@ class PolarsParquetIOManager(dg.UPathIOManager):
         if isinstance(obj, pl.DataFrame):
             return {"dagster/row_count": dg.MetadataValue.int(obj.height)}
         return {}
+
+
+class JsonIOManager(dg.UPathIOManager):
+    """Small JSON documents (manifests, paths, reports) next to the tables."""
+
+    extension = ".json"
+
+    def dump_to_path(self, context: dg.OutputContext, obj: Any, path: UPath) -> None:
+        import json
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str), encoding="utf-8")
+
+    def load_from_path(self, context: dg.InputContext, path: UPath) -> Any:
+        import json
+
+        return json.loads(path.read_text(encoding="utf-8"))

@@ -34,6 +34,12 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "mmat_plugins.retrievers_web",
     "mmat_plugins.teachers_grounded",
     "mmat_plugins.teachers_openai",
+    "mmat_plugins.exporters_swift",
+    "mmat_plugins.exporters_sharegpt",
+    "mmat_plugins.exporters_internvl",
+    "mmat_plugins.exporters_hf",
+    "mmat_plugins.benchmarks",
+    "mmat_plugins.trainers_hf_lora",
 )
 ENTRY_POINT_GROUP = "mmat"
 BLOCK_ENV = "MMAT_BLOCK_PLUGINS"

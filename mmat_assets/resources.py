@@ -12,7 +12,7 @@ import dagster as dg
 from pydantic import Field
 from upath import UPath
 
-from mmat_assets.io_managers import PolarsParquetIOManager
+from mmat_assets.io_managers import JsonIOManager, PolarsParquetIOManager
 from mmat_assets.media import MediaStore
 
 
@@ -49,10 +49,21 @@ class ParquetIOManager(dg.ConfigurableIOManagerFactory):
         )
 
 
+class JsonIOManagerFactory(dg.ConfigurableIOManagerFactory):
+    """JSON documents under ``base_path`` (a directory or an ``s3://`` URL)."""
+
+    base_path: str = Field(description="Directory or s3:// URL for JSON assets.")
+    endpoint_url: str | None = Field(default=None, description="S3-compatible endpoint.")
+
+    def create_io_manager(self, context: dg.InitResourceContext) -> JsonIOManager:
+        return JsonIOManager(base_path=UPath(self.base_path, **_storage_options(self.endpoint_url)))
+
+
 def profile_resources(root: str, endpoint_url: Any = None) -> dict[str, Any]:
     """The resources of one profile, given its storage root."""
     tables = str(UPath(root) / "tables") if "://" not in root else root.rstrip("/") + "/tables"
     return {
         "storage": StorageResource(root=root, endpoint_url=endpoint_url),
         "io_manager": ParquetIOManager(base_path=tables, endpoint_url=endpoint_url),
+        "json_io_manager": JsonIOManagerFactory(base_path=tables, endpoint_url=endpoint_url),
     }

@@ -19,8 +19,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 
-#: The asset the main job builds, with everything upstream of it.
-MAIN_TARGET = "dialogue_files"
+#: The asset the main job builds, with everything upstream of it: the first that exists.
+MAIN_TARGETS = ("evaluation_report", "dialogue_files")
 #: Dagster's own step logs go to the run history (and the UI), not over the progress view.
 QUIET = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
 
@@ -128,8 +128,9 @@ def run_build(config: Path, profile: str, select: str | None,
 
     defs = definitions_from_file(config, profile)
     graph = defs.resolve_asset_graph()
-    if not select and dg.AssetKey(MAIN_TARGET) in graph.get_all_asset_keys():
-        select = f"*{MAIN_TARGET}"
+    if not select:
+        target = next((t for t in MAIN_TARGETS if dg.AssetKey(t) in graph.get_all_asset_keys()), None)
+        select = f"*{target}" if target else None
     selection = dg.AssetSelection.from_string(select) if select else dg.AssetSelection.all()
     selection = selection.required_multi_asset_neighbors()  # a source's samples and quarantine go together
     selected = set(selection.resolve(graph))

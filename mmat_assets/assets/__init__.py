@@ -8,7 +8,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from mmat_assets.assets import foundation, stages
+from mmat_assets.assets import export, foundation, stages, training
 from mmat_assets.assets._shared import TeacherResource
 from mmat_assets.assets.retrievers import build_retriever_assets
 from mmat_assets.assets.tools import build_tool_assets
@@ -27,6 +27,7 @@ def build_definitions(cfg: ProjectConfig, profile: str = "local", registry: Regi
     assets, checks = foundation.build(cfg, registry)
     assets += build_tool_assets(cfg, registry, _teachers(cfg, registry))
     assets += build_retriever_assets(cfg, registry) + stages.build(cfg, registry)
+    assets += export.build(cfg, registry) + training.build(cfg, registry)
     prof = cfg.profiles.get(profile)
     if prof is None:
         raise KeyError(f"profile {profile!r} is not configured (have: {sorted(cfg.profiles)})")

@@ -65,20 +65,17 @@ def shard_environment(cfg: ProjectConfig, registry: Registry, storage: StorageRe
 
 
 def _retriever(cfg: ProjectConfig, registry: Registry, storage: StorageResource) -> Any:
+    """The configured retriever, pointed at the index its ``retrievers/<name>`` asset built."""
+    from mmat_assets.assets.retrievers import index_dir
+
     name = cfg.stages.retriever
     if not name:
         return None
-    found = configured_retrievers(registry, cfg).get(name)
+    found = configured_retrievers(registry, cfg, index_root=index_dir(storage, name)[0].parent).get(name)
     if found is None or found[0] is None or not found[1].ok:
         reason = found[1].reason if found else "not configured"
         raise RuntimeError(f"retriever {name!r} is not usable: {reason}")
-    retriever = found[0]
-    attach = getattr(retriever, "attach_index", None)
-    if callable(attach):  # the index the retrievers/<name> asset built
-        from mmat_assets.assets.retrievers import index_dir
-
-        attach(index_dir(storage, name)[0])
-    return retriever
+    return found[0]
 
 
 def cache_metadata(env: Environment) -> dict[str, Any]:

@@ -1,0 +1,157 @@
+"""Rationale-stage throughput against a fixed-latency OpenAI-compatible server.
+
+A fake chat-completions server (in its own process, so its CPU is not counted as ours)
+answers every call after a fixed latency. ``run_rationales`` then runs N synthetic rows,
+each needing two teacher calls (one step that continues, one that ends; no tools), with
+the engine's and the teacher's concurrency both at C. With the server as the only wait,
+the ideal rate is ``C / (calls_per_sample * latency)`` samples/s; the target is a ratio
+of at least 0.8. Also reported: the engine's CPU seconds per sample (this process only,
+request cache included, no tools run).
+
+    python benchmarks/rationale_throughput.py [--rows 256] [--latency-ms 200] [--concurrency 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import multiprocessing as mp
+import pstats
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+CALLS_PER_SAMPLE = 2
+WARM_UP_ROWS = 2
+
+
+def reply(body: dict[str, Any]) -> str:
+    """First call: a step that continues without tools; second: the final step."""
+    final = any(m["role"] == "assistant" for m in body["messages"])
+    return json.dumps({"thought": "12 + 5 = 17. So the answer is 17." if final else "Reading the question.",
+                       "operators": [], "rag": {"needed": False, "query": None},
+                       "next_action": "final_answer" if final else "continue"})
+
+
+def serve(latency_s: float, backlog: int, nodelay: bool, conn: Any) -> None:
+    """Child process: run the fake server until the parent says it is done."""
+    sys.path.insert(0, str(REPO))
+    from tests.openai_fake_hooks import HookedFakeOpenAI
+
+    with HookedFakeOpenAI(reply=reply, latency_s=latency_s, backlog=backlog, nodelay=nodelay) as fake:
+        conn.send(fake.base_url)
+        conn.recv()  # blocks until the parent is done
+        conn.send({"requests": fake.total, "max_in_flight": fake.max_in_flight, "cpu_s": time.process_time()})
+
+
+def rows(n: int, tmp: Path) -> pl.DataFrame:
+    from mmat_assets import records
+
+    image = tmp / "table.png"
+    Image.new("RGB", (64, 64), "white").save(image)
+    out = []
+    for i in range(n):
+        row: dict[str, Any] = dict.fromkeys(records.FOUNDATION_COLUMNS)
+        row.update(sample_id=f"{i:024x}", source="bench", dataset="tabmwp", subset="s", source_row_id=str(i),
+                   license="CC0-1.0", question=f"What is a + b? (#{i})", answer="17", answer_type="number",
+                   images=[{"sha256": "ab" * 32, "uri": str(image), "width": 64, "height": 64}],
+                   image_key="ab" * 32, choices=[], style="Answer briefly.", meta="{}", shard=0)
+        out.append(row)
+    return pl.DataFrame(out, schema=records.FOUNDATION_COLUMNS)
+
+
+def environment(base_url: str, concurrency: int, tmp: Path, cached: bool) -> Any:
+    from mmat_assets.engine.cache import ResultCache
+    from mmat_assets.engine.rationale import Environment, StageSettings
+    from mmat_plugins.teachers_openai import OpenAITeacher
+
+    teacher = OpenAITeacher({"base_url": base_url, "model": "bench", "concurrency": concurrency,
+                             "timeout_s": 60, "max_retries": 0})
+    request_cache = ResultCache(None, "teacher", 0, work_dir=tmp / "cache") if cached else None
+    return Environment(teacher, teacher.name, {}, None, None, None, request_cache, Path,
+                       StageSettings(max_steps=3, concurrency=concurrency))
+
+
+def measure(df: pl.DataFrame, env: Any, profile: Path | None) -> tuple[pl.DataFrame, float, float]:
+    """Run the stage once; return its table, wall seconds and this process's CPU seconds."""
+    from mmat_assets.engine import stages
+
+    profiler = cProfile.Profile() if profile else None
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    if profiler:
+        profiler.enable()
+    out = stages.run_rationales(df, env)
+    if profiler:
+        profiler.disable()
+    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    if profiler and profile:
+        profiler.dump_stats(profile)
+        pstats.Stats(str(profile)).sort_stats("cumulative").print_stats(25)
+    return out, wall, cpu
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Rationale-stage throughput against a fixed-latency fake server.")
+    parser.add_argument("--rows", type=int, default=256, help="synthetic samples (default 256)")
+    parser.add_argument("--latency-ms", type=float, default=200.0, help="server latency per call (default 200)")
+    parser.add_argument("--concurrency", type=int, default=64, help="engine and teacher concurrency (default 64)")
+    parser.add_argument("--backlog", type=int, default=1024,
+                        help="the fake server's listen backlog (default 1024; socketserver's own is 5, "
+                        "too small for 64 connections opening at once)")
+    parser.add_argument("--server-nagle", action="store_true",
+                        help="leave Nagle's algorithm on in the fake server (http.server's default)")
+    parser.add_argument("--no-cache", action="store_true", help="run without the request cache")
+    parser.add_argument("--profile", type=Path, help="write cProfile stats here and print the top entries")
+    args = parser.parse_args(argv)
+    latency = args.latency_ms / 1000
+
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    server = ctx.Process(target=serve, args=(latency, args.backlog, not args.server_nagle, child), daemon=True)
+    server.start()
+    try:
+        if not parent.poll(60):
+            raise SystemExit("the fake server did not start within 60 s")
+        base_url = parent.recv()
+        with tempfile.TemporaryDirectory() as tmp:
+            # warm-up on other rows: one-off imports and TLS setup are not throughput
+            warm = environment(base_url, args.concurrency, Path(tmp) / "warm", cached=False)
+            measure(rows(WARM_UP_ROWS, Path(tmp)).with_columns(pl.col("question") + " (warm-up)"), warm, None)
+            env = environment(base_url, args.concurrency, Path(tmp), cached=not args.no_cache)
+            out, wall, cpu = measure(rows(args.rows, Path(tmp)), env, args.profile)
+        parent.send("done")
+        seen = parent.recv() if parent.poll(10) else {}
+    finally:
+        server.join(timeout=10)
+        if server.is_alive():
+            server.terminate()
+
+    ok = out.filter(pl.col("status") == "ok").height
+    achieved = args.rows / wall
+    ideal = args.concurrency / (CALLS_PER_SAMPLE * latency)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"rows: {args.rows} ({ok} ok), calls/sample: {CALLS_PER_SAMPLE}, latency: {args.latency_ms:.0f} ms, "
+          f"concurrency: {args.concurrency}, request cache: {'off' if args.no_cache else 'on'}, "
+          f"server backlog: {args.backlog}, server Nagle: {'on' if args.server_nagle else 'off'}")
+    print(f"server (own process): {seen.get('requests', '?')} requests ({WARM_UP_ROWS * CALLS_PER_SAMPLE} of them "
+          f"warm-up), at most {seen.get('max_in_flight', '?')} in flight, {seen.get('cpu_s', float('nan')):.2f} CPU s")
+    print(f"wall: {wall:.2f} s, achieved: {achieved:.1f} samples/s, ideal: {ideal:.1f} samples/s, "
+          f"ratio: {achieved / ideal:.2f} (target >= 0.80)")
+    print(f"engine CPU: {cpu:.2f} s total, {1000 * cpu / args.rows:.2f} ms/sample; peak RSS {peak_mb:.0f} MB")
+    if ok < args.rows:
+        from mmat_assets.engine import stages
+
+        print(f"failed: {stages.failures(out)}; e.g. {out.filter(pl.col('status') == 'failed')['failure_detail'][0]}")
+    return 0 if ok == args.rows else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

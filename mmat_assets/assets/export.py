@@ -1,0 +1,136 @@
+"""Export group: one asset per exporter over every shard's RR and ORR samples.
+
+Each export filters the samples, runs pre-flight on every record (structure, and the
+configured student's chat template and processor), writes only records that pass, lists
+the rejected ones with reasons, and records a content-hash data version. The asset check
+``preflight_clean`` fails when any record would have been dropped or bent by a trainer.
+No `from __future__ import annotations` here: Dagster reads the context annotations.
+"""
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import polars as pl
+
+from mmat_assets.config import ProjectConfig
+from mmat_assets.engine import export as ex
+from mmat_assets.engine import stages
+from mmat_assets.plugins import Registry
+from mmat_assets.resources import StorageResource
+
+GROUP = "export"
+
+
+def export_dir(storage: StorageResource, name: str) -> Path:
+    """Exports are written locally (trainers read local files); S3 roots get a local mirror."""
+    root = storage.path("exports", name)
+    return Path(root.path) if root.protocol in ("", "file", "local") else Path(".mmat-exports") / name
+
+
+def files_version(paths: list[Path]) -> str:
+    """A content hash of everything an export wrote (hashlib: the same in every process)."""
+    h = hashlib.sha256()
+    for p in sorted(paths):
+        h.update(p.name.encode())
+        with p.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
+def _context(rr: pl.DataFrame, ref: pl.DataFrame, foundation_rows: int) -> dict[str, Any]:
+    teachers = sorted({c.get("model", "") for p in ref["provenance"].drop_nulls()
+                       for c in json.loads(p).get("teacher_calls", [])} - {""}) if ref.height else []
+    tools = {}
+    for calls in rr["tool_calls"].drop_nulls():
+        for c in calls:
+            tools[c["tool"]] = c["version"]
+    counts = stages.funnel(pl.DataFrame({"x": [0] * foundation_rows}), ref, rr, rr)
+    counts.pop("orr", None)
+    return {"teachers": teachers, "tool_versions": tools, "stage_counts": counts,
+            "rr_system": stages.RR_SYSTEM, "orr_system": stages.ORR_SYSTEM}
+
+
+def encoder_for(cfg: ProjectConfig, student_dir: str | None) -> Any:
+    """The student's record encoder for pre-flight (None when no student is configured)."""
+    if not cfg.export.student or student_dir is None:
+        return None
+    from transformers import AutoProcessor
+
+    from mmat_assets.engine.student import encode_record
+
+    processor = AutoProcessor.from_pretrained(student_dir)  # the template and processor; no weights needed
+    max_length = cfg.export.max_length
+
+    def encode(rec: ex.Record) -> dict[str, Any]:
+        return encode_record(processor, {"messages": rec.messages, "images": rec.images}, max_length)
+
+    return encode
+
+
+def _exporter_asset(cfg: ProjectConfig, registry: Registry, name: str) -> dg.AssetsDefinition:
+    impl = registry.get("exporter", name)
+
+    @dg.asset(key=["exports", name], group_name=GROUP, code_version=impl.cls.version, kinds={"json"},
+              io_manager_key="json_io_manager",
+              ins={"rr": dg.AssetIn("rr_samples"), "orr": dg.AssetIn("orr_samples"),
+                   "reflected": dg.AssetIn("reflections"), "student": dg.AssetIn("student_base")},
+              check_specs=[dg.AssetCheckSpec("preflight_clean", asset=["exports", name],
+                                             description="No record would be dropped or bent by the trainer.")],
+              description=f"{impl.cls.description} Pre-flighted against the student's template; filtered by config.")
+    def _asset(context: dg.AssetExecutionContext, storage: StorageResource, rr: dict[str, pl.DataFrame],
+               orr: dict[str, pl.DataFrame], reflected: dict[str, pl.DataFrame], student: dict[str, Any]):
+        frames = {"rr": _concat(rr), "orr": _concat(orr)}
+        filt = ex.ExportFilter.model_validate(cfg.export.filter)
+        media = storage.media()
+        encode = encoder_for(cfg, student.get("path"))
+        records, rejected = {}, []
+        for fmt in cfg.export.formats:
+            rows = ex.apply_filter(frames[fmt], filt)
+            ok, bad = ex.preflight((ex.to_record(r, media.local_path) for r in rows.iter_rows(named=True)), encode)
+            records[fmt], rejected = ok, rejected + bad
+        out = export_dir(storage, name)
+        all_ref = _concat(reflected)
+        ctx = _context(frames["rr"], all_ref, all_ref.height)
+        exporter = registry.create("exporter", name)
+        written = exporter.export(records, out, ctx)
+        ex.write_jsonl(out / "rejected.jsonl", (r.__dict__ for r in rejected))
+        version = files_version([Path(p) for p in written.values()])
+        manifest = {"exporter": name, "data_version": version, "files": written, "rows": {k: len(v) for k, v in records.items()},
+                    "rejected": len(rejected), "filter": filt.model_dump(), "max_length": cfg.export.max_length,
+                    "student": student.get("path"), "licences": ex.licence_counts([r for v in records.values() for r in v])}
+        (out / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+        reasons: dict[str, int] = {}
+        for r in rejected:
+            reasons[r.reason] = reasons.get(r.reason, 0) + 1
+        yield dg.Output(manifest, data_version=dg.DataVersion(version), metadata={
+            "path": dg.MetadataValue.path(str(out)), "data_version": version,
+            **{f"rows_{k}": len(v) for k, v in records.items()}, "rejected": len(rejected),
+            "rejected_by_reason": dg.MetadataValue.json(reasons),
+            "licences": dg.MetadataValue.json(manifest["licences"]),
+            "mmat/summary": f"export {name}: {out} (data version {version}; "
+                            + ", ".join(f"{k} {len(v)}" for k, v in records.items()) + f"; rejected {len(rejected)})",
+        })
+        yield dg.AssetCheckResult(check_name="preflight_clean", passed=not rejected,
+                                  severity=dg.AssetCheckSeverity.ERROR,
+                                  metadata={"rejected": len(rejected), "by_reason": dg.MetadataValue.json(reasons),
+                                            "examples": dg.MetadataValue.json([r.__dict__ for r in rejected[:5]])})
+
+    return _asset
+
+
+def _concat(parts: dict[str, pl.DataFrame] | pl.DataFrame) -> pl.DataFrame:
+    if isinstance(parts, pl.DataFrame):
+        return parts
+    frames = [parts[k] for k in sorted(parts)]
+    return pl.concat(frames, how="vertical_relaxed") if frames else pl.DataFrame()
+
+
+def build(cfg: ProjectConfig, registry: Registry) -> list[dg.AssetsDefinition]:
+    if not cfg.sources:
+        return []
+    names = cfg.export.exporters if cfg.export.exporters is not None else sorted(registry.role("exporter"))
+    return [_exporter_asset(cfg, registry, n) for n in names]

@@ -1,0 +1,182 @@
+"""Training and evaluation groups: the student, the tuned model, its scores, the report.
+
+``student_base`` resolves the configured student (builds the offline LLaVA + SmolLM2 one
+once); ``tuned_model`` trains it out of process through Dagster Pipes on the configured
+export and records the export's data version, the training config and the code version;
+``evaluations/<model>/<benchmark>/<mode>`` score base and tuned students with the tools in
+the loop; ``evaluation_report`` is the paper-style table.
+No `from __future__ import annotations` here: Dagster reads the context annotations.
+"""
+
+import json
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+
+from mmat_assets import __version__
+from mmat_assets.config import ProjectConfig
+from mmat_assets.engine import evaluate as ev
+from mmat_assets.engine.tools import available_tools
+from mmat_assets.plugins import Registry
+from mmat_assets.resources import StorageResource
+
+TRAIN_GROUP, EVAL_GROUP = "training", "evaluation"
+MODELS = ("base", "tuned")
+
+
+def _local(storage: StorageResource, *parts: str) -> Path:
+    p = storage.path(*parts)
+    return Path(p.path) if p.protocol in ("", "file", "local") else Path(".mmat-local", *parts)
+
+
+def student_asset(cfg: ProjectConfig) -> dg.AssetsDefinition:
+    @dg.asset(group_name=TRAIN_GROUP, io_manager_key="json_io_manager", code_version="1", kinds={"pytorch"})
+    def student_base(context: dg.AssetExecutionContext, storage: StorageResource) -> dict[str, Any]:
+        """The student before tuning: the offline LLaVA-style model (SmolLM2-135M-Instruct
+        language model + a small vision tower, built locally once), or a hub id / local path."""
+        if cfg.export.student != "offline":
+            return {"path": cfg.export.student, "built": False}
+        from mmat_assets.engine.student import build_offline_student
+
+        path = build_offline_student(_local(storage, "models", "student-base"))
+        context.add_output_metadata({"path": dg.MetadataValue.path(str(path))})
+        return {"path": str(path), "built": True}
+
+    return student_base
+
+
+def tuned_asset(cfg: ProjectConfig) -> dg.AssetsDefinition:
+    t = cfg.training
+    export_key = ["exports", t.exporter]
+
+    @dg.asset(group_name=TRAIN_GROUP, io_manager_key="json_io_manager", kinds={"pytorch"},
+              code_version=f"{__version__}+{t.trainer}",
+              ins={"export": dg.AssetIn(export_key), "student": dg.AssetIn("student_base")})
+    def tuned_model(context: dg.AssetExecutionContext, storage: StorageResource, export: dict[str, Any],
+                    student: dict[str, Any]) -> dict[str, Any]:
+        """The student fine-tuned (LoRA SFT, SPEC §3 defaults) on the configured export, run
+        out of process through Dagster Pipes; downstream of the data in the lineage graph."""
+        from mmat_assets.engine.training import run_training_pipes
+
+        files = export["files"]
+        train_dir = _local(storage, "models", "train-data")
+        train_dir.mkdir(parents=True, exist_ok=True)
+        _link_train_file(Path(files[t.data]), train_dir / "train.jsonl")
+        options = {"student": student["path"], **t.options}
+        out_dir = _local(storage, "models", "tuned")
+        reported = run_training_pipes(context, t.trainer, options, str(train_dir), str(out_dir)).get_materialize_result()
+        metrics = {k: getattr(v, "value", v) for k, v in (reported.metadata or {}).items()}
+        meta = {"checkpoint": str(out_dir), "export": "/".join(export_key), "export_data_version": export["data_version"],
+                "data": t.data, "trainer": t.trainer, "training_config": options, "code_version": __version__,
+                "student": student["path"], **metrics}
+        (out_dir / "mmat_lineage.json").write_text(json.dumps(meta, indent=2, default=str), encoding="utf-8")
+        context.add_output_metadata({**(reported.metadata or {}), "export_data_version": export["data_version"],
+                                     "checkpoint": dg.MetadataValue.path(str(out_dir)),
+                                     "training_config": dg.MetadataValue.json(options)})
+        return meta
+
+    return tuned_model
+
+
+def _link_train_file(src: Path, dst: Path) -> None:
+    """The trainer reads ``train.jsonl``; absolute image paths (ms-swift export) need no copy."""
+    if dst.exists() or dst.is_symlink():
+        dst.unlink()
+    dst.write_bytes(src.read_bytes())
+
+
+def _responder(student: dict[str, Any], tuned: dict[str, Any] | None, max_new_tokens: int) -> ev.Responder:
+    from mmat_assets.engine.student import generate, load_student, load_tuned_student
+
+    if tuned is not None:
+        model, processor = load_tuned_student(Path(tuned["checkpoint"]))
+    else:
+        model, processor = load_student(student["path"])
+    model.eval()
+    return lambda msgs, images: generate(model, processor, msgs, images, max_new_tokens=max_new_tokens)
+
+
+def _training_ids(export: dict[str, Any] | None) -> set[str]:
+    if not export:
+        return set()
+    ids = set()
+    path = Path(export["files"].get("rr", ""))
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            ids.add(str(json.loads(line).get("source_row_id", "")))
+    return ids
+
+
+def eval_asset(cfg: ProjectConfig, registry: Registry, model: str, bench: str, mode: str) -> dg.AssetsDefinition:
+    entry = cfg.evaluation.benchmarks[bench]
+    ins = {"student": dg.AssetIn("student_base")}
+    if model == "tuned":
+        ins["tuned"] = dg.AssetIn("tuned_model")
+
+    @dg.asset(key=["evaluations", model, bench, mode], group_name=EVAL_GROUP, io_manager_key="json_io_manager",
+              ins=ins, code_version="1", kinds={"pytorch"},
+              description=f"The {model} student on {bench!r} in {mode} mode (tools in the loop for orr/rr).")
+    def _asset(context: dg.AssetExecutionContext, storage: StorageResource, **inputs: Any) -> dict[str, Any]:
+        e = cfg.evaluation
+        benchmark = registry.create("benchmark", entry.plugin or bench, entry.options)
+        benchmark.base_dir = cfg.base_dir
+        items = list(benchmark.items())
+        if e.exclude_training_rows:
+            seen = _training_ids(_export_manifest(storage, cfg))
+            items = [i for i in items if i.item_id not in seen]
+        items = items[: e.limit] if e.limit else items
+        harness = ev.Harness(available_tools(registry, cfg), None, tuple(e.orr_tools), e.max_steps)
+        respond = _responder(inputs["student"], inputs.get("tuned"), e.max_new_tokens)
+        results = ev.evaluate(respond, benchmark, items, mode, harness, _local(storage, "eval", "images"),
+                              lambda n: context.log.info(f"{model}/{bench}/{mode}: {n}/{len(items)}") if n % 5 == 0 else None)
+        summary = {"model": model, "benchmark": bench, "mode": mode, **ev.summary(results)}
+        context.add_output_metadata({"score": summary["score"], "items": summary["items"],
+                                     "latency_s": summary["latency_s"], "mean_steps": summary["mean_steps"]})
+        return {**summary, "results": [r.__dict__ for r in results]}
+
+    return _asset
+
+
+def _export_manifest(storage: StorageResource, cfg: ProjectConfig) -> dict[str, Any] | None:
+    from mmat_assets.assets.export import export_dir
+
+    path = export_dir(storage, cfg.training.exporter) / "manifest.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def report_asset(cfg: ProjectConfig, keys: list[list[str]]) -> dg.AssetsDefinition:
+    ins = {"_".join(k[1:]): dg.AssetIn(k) for k in keys}
+    ins["tuned"] = dg.AssetIn("tuned_model")
+
+    @dg.asset(group_name=EVAL_GROUP, io_manager_key="json_io_manager", ins=ins, code_version="1", kinds={"markdown"})
+    def evaluation_report(context: dg.AssetExecutionContext, storage: StorageResource, **inputs: Any) -> dict[str, Any]:
+        """Base vs tuned in every mode: the paper's table (benchmarks, average, latency)."""
+        tuned = inputs.pop("tuned")
+        rows = [{k: v for k, v in r.items() if k != "results"} for r in inputs.values()]
+        table = ev.report_markdown(rows)
+        header = (f"Tuned model `{tuned['checkpoint']}` trained on export data version "
+                  f"`{tuned['export_data_version']}` ({tuned.get('steps', '?')} steps).\n\n")
+        path = _local(storage, "reports", "evaluation.md")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(header + table + "\n", encoding="utf-8")
+        context.add_output_metadata({"report": dg.MetadataValue.md(header + table),
+                                     "path": dg.MetadataValue.path(str(path)), "mmat/summary": f"{header}{table}\n({path})"})
+        return {"rows": rows, "path": str(path), "export_data_version": tuned["export_data_version"]}
+
+    return evaluation_report
+
+
+def build(cfg: ProjectConfig, registry: Registry) -> list[dg.AssetsDefinition]:
+    if not cfg.sources:
+        return []
+    assets = [student_asset(cfg), tuned_asset(cfg)]
+    keys = []
+    for bench in cfg.evaluation.benchmarks:
+        for model in MODELS:
+            for mode in cfg.evaluation.modes:
+                assets.append(eval_asset(cfg, registry, model, bench, mode))
+                keys.append(["evaluations", model, bench, mode])
+    if keys:
+        assets.append(report_asset(cfg, keys))
+    return assets

@@ -1,0 +1,46 @@
+"""Launch a trainer plugin out of process through Dagster Pipes.
+
+The ``tuned_model`` asset calls :func:`run_training_pipes`; the child process
+(:mod:`mmat_assets.pipes.train`) loads the trainer from the plugin registry, trains, and
+reports the loss curve, throughput, peak memory and checkpoint path as the asset's
+materialization metadata.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+PIPES_MODULE = "mmat_assets.pipes.train"
+
+
+def training_extras(trainer: str, options: Mapping[str, Any], export_dir: Path | str,
+                    out_dir: Path | str, plugins: Sequence[str] | None = None) -> dict[str, Any]:
+    """The request the child process reads from the Pipes extras (paths made absolute).
+
+    ``plugins`` names the built-in plugin modules the child loads (default: the host's list
+    plus entry points).
+    """
+    extras = {"trainer": trainer, "options": dict(options),
+              "export_dir": str(Path(export_dir).resolve()), "out_dir": str(Path(out_dir).resolve())}
+    if plugins is not None:
+        extras["plugins"] = list(plugins)
+    return extras
+
+
+def run_training_pipes(context: Any, trainer: str, options: Mapping[str, Any], export_dir: Path | str,
+                       out_dir: Path | str, env: Mapping[str, str] | None = None,
+                       plugins: Sequence[str] | None = None) -> Any:
+    """Train in a subprocess with Dagster Pipes; returns the completed invocation.
+
+    An asset finishes with ``return run_training_pipes(...).get_materialize_result()``.
+    ``env`` adds variables for the child (``CUDA_VISIBLE_DEVICES``, cache locations, ...).
+    """
+    import dagster as dg
+
+    client = dg.PipesSubprocessClient()
+    return client.run(command=[sys.executable, "-m", PIPES_MODULE], context=context,
+                      extras=training_extras(trainer, options, export_dir, out_dir, plugins),
+                      env=dict(env or {}))
