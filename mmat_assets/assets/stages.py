@@ -126,8 +126,8 @@ def integration_assets(cfg: ProjectConfig) -> list[dg.AssetsDefinition]:
                        rr: dict[str, pl.DataFrame], orr: dict[str, pl.DataFrame]) -> dg.MaterializeResult:
         """All shards' RR and ORR samples as JSONL (messages + provenance per line), and the
         yield funnel: in → rationale → passed reflection → RR/ORR (the paper's Table 1 too)."""
-        all_f, all_r = _concat(foundation), _concat(reflected)
-        all_rr, all_orr = _concat(rr), _concat(orr)
+        all_f, all_r = stages.concat_shards(foundation), stages.concat_shards(reflected)
+        all_rr, all_orr = stages.concat_shards(rr), stages.concat_shards(orr)
         paths = {}
         for name, df in (("rr", all_rr), ("orr", all_orr)):
             path = storage.path("datasets", f"{name}.jsonl")
@@ -152,13 +152,6 @@ def integration_assets(cfg: ProjectConfig) -> list[dg.AssetsDefinition]:
         })
 
     return [rr_samples, orr_samples, dialogue_files]
-
-
-def _concat(parts: dict[str, pl.DataFrame] | pl.DataFrame) -> pl.DataFrame:
-    if isinstance(parts, pl.DataFrame):
-        return parts
-    frames = [parts[k] for k in sorted(parts)]
-    return pl.concat(frames, how="vertical_relaxed") if frames else pl.DataFrame()
 
 
 def _jsonl_row(row: dict[str, Any]) -> dict[str, Any]:

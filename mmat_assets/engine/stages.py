@@ -37,6 +37,14 @@ the image, each between <|begin_api_invoke|>tool<|end_api_invoke|> and
 then answer as <ANSWER>The answer is: ...</ANSWER>."""
 
 
+def concat_shards(parts: Mapping[str, pl.DataFrame] | pl.DataFrame) -> pl.DataFrame:
+    """One table from a ``{shard: frame}`` mapping (how Dagster hands over all partitions)."""
+    if isinstance(parts, pl.DataFrame):
+        return parts
+    frames = [parts[k] for k in sorted(parts)]
+    return pl.concat(frames, how="vertical_relaxed") if frames else pl.DataFrame()
+
+
 def with_prompts(df: pl.DataFrame) -> list[dict[str, Any]]:
     rows = df.to_dicts()
     for r in rows:
