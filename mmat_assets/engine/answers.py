@@ -9,18 +9,25 @@ from __future__ import annotations
 import re
 from fractions import Fraction
 
-_NUM = re.compile(r"(?<![\w.,/])(?:-\s?)?\$?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?%?|(?<![\w.])\.\d+")
-_RATIO = re.compile(r"(?<![\w.,/])(?:(\d+)\s+)?(\d+)\s*/\s*(\d+)(?![\w.])")
+NUMBER_IN_TEXT = _NUM = re.compile(r"(?<![\w.,])(?:-\s?)?\$?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?%?|(?<![\w.])\.\d+")
+_INT = r"(?:\d{1,3}(?:,\d{3})+|\d+)"
+_RATIO = re.compile(rf"(?<![\w.,/])(?:({_INT})\s+)?({_INT})\s*/\s*({_INT})(?![\w.])")
 _FRACTION = re.compile(r"^\s*([-+]?\d+)\s*/\s*(\d+)\s*$")
 _MIXED = re.compile(r"^\s*([-+]?\d+)\s+(\d+)\s*/\s*(\d+)\s*$")
 _LATEX_FRAC = re.compile(r"\\frac\{([^{}]*)\}\{([^{}]*)\}")
+_LATEX_MIXED = re.compile(r"(\d)\\frac")  # 4\frac{4}{5} is the mixed number 4 4/5
+
+
+def plain_fractions(text: str) -> str:
+    """LaTeX fractions as plain ``a/b`` (mixed numbers keep their space: ``4 4/5``)."""
+    return _LATEX_FRAC.sub(r"\1/\2", _LATEX_MIXED.sub(r"\1 \\frac", text))
 _LETTER = re.compile(r"^\(?([A-Za-z])\)?[.:)]?$")
 _WORDS = re.compile(r"[^a-z0-9 ]+")
 
 
 def to_number(text: str) -> float | None:
     """A number from ``$1,234.50``, ``45%``, ``3/4``, ``2 1/2``, ``\\frac{3}{4}``; else None."""
-    s = _LATEX_FRAC.sub(r"\1/\2", str(text)).strip().rstrip(".")
+    s = plain_fractions(str(text)).strip().rstrip(".")
     s = re.sub(r"^[^\d+\-.]*(?=[-+]?[\d.])", "", s)  # leading currency or unit words
     if m := _MIXED.match(s):
         whole, num, den = int(m[1]), int(m[2]), int(m[3])
@@ -36,14 +43,14 @@ def to_number(text: str) -> float | None:
 def numbers_in(text: str, ratios: bool = True) -> list[float]:
     """Every standalone number in free text (not digits inside words like ``x1``); with
     ``ratios``, also the values of fractions and mixed numbers (``2 1/2`` adds 2.5)."""
-    text = _LATEX_FRAC.sub(r"\1/\2", text)
+    text = plain_fractions(text)
     out = [v for m in _NUM.finditer(text) if (v := to_number(m.group().replace(" ", ""))) is not None]
     for m in _RATIO.finditer(text) if ratios else ():
-        if int(m[3]):
-            value = int(m[2]) / int(m[3]) + (int(m[1]) if m[1] else 0)
-            out.append(value)
+        whole, num, den = (int(g.replace(",", "")) if g else 0 for g in m.groups())
+        if den:
+            out.append(whole + num / den)
             if m[1]:
-                out.append(int(m[2]) / int(m[3]))
+                out.append(num / den)
     return out
 
 
@@ -85,9 +92,10 @@ def same_answer(pred: str, gold: str, answer_type: str | None = None, choices: l
 def conclusion_of(text: str) -> str:
     """What a piece of reasoning concludes: the words after its last "answer is", else its
     last sentence."""
-    found = list(re.finditer(r"answer is\s*:?\s*(.+?)\s*(?:\.(?:\s|$)|$)", text, re.I | re.S))
+    found = list(re.finditer(r"answer is\s*:?\s*", text, re.I))
     if found:
-        return found[-1][1].strip()
+        rest = text[found[-1].end():].strip().split("\n", 1)[0]
+        return rest[:-1].strip() if rest.endswith(".") else rest  # "Mr. Nakamura." keeps its "Mr."
     sentences = [s for s in re.split(r"(?<=[.!?])\s+|\n", text.strip()) if s.strip()]
     return sentences[-1].strip() if sentences else text.strip()
 

@@ -27,7 +27,8 @@ from typing import Any
 
 from mmat_assets import protocol
 from mmat_assets.contracts import TeacherError, TeacherRequest
-from mmat_assets.engine.answers import contains_answer, numbers_in, to_number
+from mmat_assets.engine.answers import NUMBER_IN_TEXT as _NUMBER_IN_TEXT
+from mmat_assets.engine.answers import contains_answer, numbers_in, plain_fractions, to_number
 
 JUDGE_VERSION = "judge-1"
 
@@ -151,37 +152,57 @@ def check_conclusion(t: protocol.Trajectory, answer_type: str | None, choices: l
     return Finding("conclusion", f"the final thought does not conclude {t.answer!r}: {final[-160:]!r}")
 
 
-def _derived(t: protocol.Trajectory) -> set[float]:
-    """Numbers produced by computations written in the thoughts (right-hand sides)."""
-    out = set()
-    for step in t.steps:
-        for m in re.finditer(rf"=\s*({_RESULT})", step.thought):
-            v = to_number(m[1])
-            if v is not None:
-                out.add(round(abs(v), 4))
+_VALUE = re.compile(rf"\s*({_RESULT})(?:\s*/\s*({_RESULT}))?(?!\s*[-+*/×÷]\s*\$?\d)")
+
+
+def _derivations(text: str) -> list[tuple[int, float]]:
+    """(position, value) of every number a thought computes: a value, or a plain fraction
+    ``a/b``, right after ``=`` or ``→``. ``= \\frac{-12}{2} = -6`` computes 12, 2 and 6;
+    ``= \\frac{7 - 19}{17 - 15}`` computes nothing: its numbers are inputs."""
+    out = []
+    for m in re.finditer(r"=|→", text):  # TabMWP writes reductions as "a/b → c/d"
+        v = _VALUE.match(text, m.end())
+        for g in v.groups() if v else ():
+            n = to_number(g) if g else None
+            if n is not None:
+                out.append((v.start(), round(abs(n), 4)))
     return out
+
+
+def _derived(t: protocol.Trajectory) -> set[float]:
+    """Every number the thoughts compute, anywhere in the dialogue."""
+    return {v for step in t.steps for _, v in _derivations(plain_fractions(step.thought))}
 
 
 def check_claims(t: protocol.Trajectory, question: str, choices: list[str],
                  image_numbers: set[float] | None = None) -> list[Finding]:
-    """Claims no evidence backs. ``image_numbers``: numbers the source says the image holds
-    (a TabMWP table's text); such a number must have come back from a tool, however small."""
+    """Claims no evidence backs. A number in a thought must come from a tool result seen
+    before it, the question, or a computation written at or before it. ``image_numbers``:
+    numbers the source says the image holds (a TabMWP table's text); such a number must
+    have come back from a tool, however small, unless the thought computed it first."""
     found: list[Finding] = []
     called: set[str] = set()
     sources = {round(abs(n), 4) for n in numbers_in(question + " " + " ".join(choices))}
-    sources |= _derived(t)
-    gold = to_number(t.answer)
     in_image = image_numbers or set()
+    gold = to_number(t.answer)
+    # the stated answer is the conclusion check's business, unless it is also an image value
+    answer = round(abs(gold), 4) if gold is not None and round(abs(gold), 4) not in in_image else None
     for step in t.steps:
         for tool, pattern in TOOL_MENTIONS.items():
             if pattern.search(step.thought) and tool not in called:
                 found.append(Finding("unsupported_claim", f"the thought cites {tool} output, but {tool} was never run"))
-        for n in numbers_in(step.thought, ratios=False):  # a fraction written is itself a computation
+        text = plain_fractions(step.thought)
+        computed = _derivations(text)
+        for m in _NUMBER_IN_TEXT.finditer(text):  # a fraction written is itself a computation
+            n = to_number(m.group().replace(" ", ""))
+            if n is None:
+                continue
             v = round(abs(n), 4)
             small = v <= 10 and v == int(v) and v not in in_image  # counts and ordinals, not table values
-            if v in sources or small or (gold is not None and v == round(abs(gold), 4) and v not in in_image):
+            if v in sources or small or v == answer or any(pos <= m.start() + 2 and d == v for pos, d in computed):
                 continue
             found.append(Finding("unsupported_claim", f"the number {n:g} is in no tool result, question or computation"))
+        sources |= {v for _, v in computed}
         called |= {o.name for o in step.operators} | ({"rag"} if step.rag is not None else set())
         for r in step.results:
             sources |= {round(abs(n), 4) for n in numbers_in(r.text)}
