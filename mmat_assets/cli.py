@@ -160,7 +160,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
     for f in summary["failed_checks"]:
         console.print(f"[red]check failed:[/] {f}")
     if summary["failed"]:
-        console.print(f"[red bold]{summary['failed']} step(s) failed[/]; details in the Dagster UI "
+        console.print(f"[red bold]{summary['failed']} step(s) failed or skipped[/]; details in the Dagster UI "
                       f"(run history) under $DAGSTER_HOME={os.environ.get('DAGSTER_HOME', '')}")
 
 

@@ -116,9 +116,11 @@ def _notes(result: dg.ExecuteInProcessResult) -> list[str]:
 
 
 def _errors(result: dg.ExecuteInProcessResult) -> list[tuple[str, str]]:
-    """(step key, root-cause message) of every failed step."""
-    return [(ev.step_key or "", _root_cause(ev.step_failure_data.error))
-            for ev in result.all_events if ev.is_step_failure]
+    """(step key, message) of every failed step, and of every step skipped because of one."""
+    out = [(ev.step_key or "", _root_cause(ev.step_failure_data.error))
+           for ev in result.all_events if ev.is_step_failure]
+    out += [(ev.step_key or "", "skipped: an upstream step failed") for ev in result.all_events if ev.is_step_skipped]
+    return out
 
 
 def run_build(config: Path, profile: str, select: str | None,

@@ -54,7 +54,7 @@ def tuned_asset(cfg: ProjectConfig) -> dg.AssetsDefinition:
               code_version=f"{__version__}+{t.trainer}",
               ins={"export": dg.AssetIn(export_key), "student": dg.AssetIn("student_base")})
     def tuned_model(context: dg.AssetExecutionContext, storage: StorageResource, export: dict[str, Any],
-                    student: dict[str, Any]) -> dict[str, Any]:
+                    student: dict[str, Any]) -> dg.Output[dict[str, Any]]:
         """The student fine-tuned (LoRA SFT, SPEC §3 defaults) on the configured export, run
         out of process through Dagster Pipes; downstream of the data in the lineage graph."""
         from mmat_assets.engine.training import run_training_pipes
@@ -71,10 +71,9 @@ def tuned_asset(cfg: ProjectConfig) -> dg.AssetsDefinition:
                 "data": t.data, "trainer": t.trainer, "training_config": options, "code_version": __version__,
                 "student": student["path"], **metrics}
         (out_dir / "mmat_lineage.json").write_text(json.dumps(meta, indent=2, default=str), encoding="utf-8")
-        context.add_output_metadata({**(reported.metadata or {}), "export_data_version": export["data_version"],
-                                     "checkpoint": dg.MetadataValue.path(str(out_dir)),
-                                     "training_config": dg.MetadataValue.json(options)})
-        return meta
+        return dg.Output(meta, metadata={**(reported.metadata or {}), "export_data_version": export["data_version"],
+                                          "checkpoint": dg.MetadataValue.path(str(out_dir)),
+                                          "training_config": dg.MetadataValue.json(options)})
 
     return tuned_model
 
