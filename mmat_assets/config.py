@@ -59,6 +59,8 @@ class StagesConfig(_Model):
 
     teacher: str = Field(default="grounded", description="Key in `teachers` (or a registered teacher name).")
     retriever: str | None = Field(default=None, description="Key in `retrievers` used for RAG; None: no search.")
+    judge: str | None = Field(default=None, description="Quality judge (e.g. teacher_judge) that scores "
+                              "passed dialogues 0-1; None: no scores.")
     max_steps: int = Field(default=6, ge=1, le=50, description="Step limit of the teacher loop.")
     rag_k: int = Field(default=3, ge=1, le=20, description="Passages fed back per search.")
     concurrency: int = Field(default=16, ge=1, le=1024, description="Samples in flight per shard.")

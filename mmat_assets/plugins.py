@@ -40,6 +40,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "mmat_plugins.exporters_hf",
     "mmat_plugins.benchmarks",
     "mmat_plugins.trainers_hf_lora",
+    "mmat_plugins.judges_teacher",
 )
 ENTRY_POINT_GROUP = "mmat"
 BLOCK_ENV = "MMAT_BLOCK_PLUGINS"

@@ -30,10 +30,10 @@ class ScriptedTeacher(Teacher):
 
     def complete(self, request: TeacherRequest) -> TeacherReply:
         self.calls.append(request)
-        if request.kind == "judge":
+        if request.kind in ("judge", "score"):
             if self.judge is None:
                 raise TeacherError("unsupported", "no judge")
-            out = self.judge(request.context["check"])
+            out = self.judge(request.context.get("check", request.kind))
         else:
             out = self.script(request.context)
         if isinstance(out, Exception):

@@ -163,3 +163,27 @@ def test_funnel_and_stats(tmp_path: Path) -> None:
     assert f == {"in": 2, "rationale": 2, "reflection": 1, "rr": 1, "orr": 1}
     assert stages.tool_counts(ref) == {"ocr": 1} and stages.steps_histogram(ref) == {2: 1}
     assert stages.teacher_totals(ref)["prompt_tokens"] == 40
+
+
+def test_quality_judge_scores_passed_dialogues_and_export_filters_on_it(tmp_path: Path) -> None:
+    from mmat_assets.engine.export import ExportFilter, apply_filter
+    from mmat_plugins.judges_teacher import TeacherJudge
+
+    def judge(kind: str) -> object:
+        return {"score": 0.25, "reasons": "terse"} if kind == "score" else {}
+
+    teacher, _, ref = _run(tmp_path, _two_step("12 + 5 = 17. So the answer is 17."),
+                           [{"question": "q1", "answer": "17"}, {"question": "q2", "answer": "99"}], judge=judge)
+    j = TeacherJudge()
+    assert not j.availability().ok  # no teacher attached: it says so
+    j.attach_teachers({"scripted": teacher})
+    env = environment(teacher, {"ocr": EchoTool()}, tmp_path)
+    scored = stages.score_quality(ref, j, env)
+    assert scored["quality"].to_list() == [0.25, None]  # the failed row is not judged
+    assert scored["quality_reasons"].to_list()[0] == "terse"
+    score_requests = [r for r in teacher.calls if r.kind == "score"]
+    assert len(score_requests) == 1 and "<SIGNAL>end</SIGNAL>" in score_requests[0].messages[0]["content"]
+    assert apply_filter(stages.rr_samples(scored), ExportFilter(min_quality=0.5)).height == 0
+    assert apply_filter(stages.rr_samples(scored), ExportFilter(min_quality=0.2)).height == 1
+    again = stages.score_quality(ref, j, env)  # cached by request hash: the judge is not asked twice
+    assert again["quality"].to_list() == [0.25, None] and len([r for r in teacher.calls if r.kind == "score"]) == 1

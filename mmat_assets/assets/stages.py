@@ -85,14 +85,32 @@ def reflection_assets(cfg: ProjectConfig, registry: Registry) -> list[dg.AssetsD
         fixes inserted as a reflection turn; which check fired is recorded on the row."""
         with shard_environment(cfg, registry, storage, teacher, context.partition_key) as env:
             df = stages.run_reflections(rationales, env)
+            judge = _judge(cfg, registry, env)
+            if judge is not None:
+                df = stages.score_quality(df, judge, env)
             meta = {"dagster/row_count": df.height, "passed": df.filter(pl.col("status") == "ok").height,
                     "reflected": df.filter(pl.col("reflected").fill_null(False)).height,
+                    "quality_mean": float(df["quality"].mean() or 0.0) if judge is not None else 0.0,
                     "checks_fired": _md_counts(stages.check_counts(df), "check", "Reflection checks fired"),
                     "failures": _md_counts(stages.failures(df), "stage:reason", "Failures"),
                     **stages.teacher_totals(df), **cache_metadata(env)}
         return dg.Output(df, metadata=meta)
 
     return [reflections]
+
+
+def _judge(cfg: ProjectConfig, registry: Registry, env: Any) -> Any:
+    """The configured quality judge, with the shard's teacher to ask; None when not configured."""
+    if not cfg.stages.judge:
+        return None
+    judge = registry.create("judge", cfg.stages.judge)
+    attach = getattr(judge, "attach_teachers", None)
+    if callable(attach):
+        attach({env.teacher_name: env.teacher})
+    avail = judge.availability()
+    if not avail.ok:
+        raise RuntimeError(f"judge {cfg.stages.judge!r} is not usable: {avail.reason}")
+    return judge
 
 
 def integration_assets(cfg: ProjectConfig) -> list[dg.AssetsDefinition]:

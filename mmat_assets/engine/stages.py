@@ -225,3 +225,36 @@ def funnel(foundation: pl.DataFrame, reflected: pl.DataFrame, rr: pl.DataFrame, 
     return {"in": foundation.height, "rationale": rationale_ok,
             "reflection": reflected.filter(pl.col("status") == "ok").height if reflected.height else 0,
             "rr": rr.height, "orr": orr.height}
+
+
+# -------------------------------------------------------------------------- quality
+
+
+def score_quality(df: pl.DataFrame, judge: Any, env: Environment) -> pl.DataFrame:
+    """SPEC §2.6: a judge scores every passed dialogue 0-1 with reasons (stored, not filtered:
+    the export's ``min_quality`` filters). Requests go through the request cache; a judge
+    failure leaves the score empty and says why."""
+    return records.conform(pl.DataFrame(asyncio.run(_score_all(df.to_dicts(), judge, env)),
+                                        schema=records.SAMPLE_SCHEMA, strict=False))
+
+
+async def _score_all(rows: list[dict[str, Any]], judge: Any, env: Environment) -> list[dict[str, Any]]:
+    from mmat_assets.contracts import TeacherError
+    from mmat_assets.engine.rationale import ask
+
+    gate = asyncio.Semaphore(env.settings.concurrency)
+
+    async def one(row: dict[str, Any]) -> dict[str, Any]:
+        if row["status"] != "ok" or not row["trajectory"]:
+            return row
+        turns = protocol.render_rr(_with_system(row["trajectory"], RR_SYSTEM))
+        async with gate:
+            try:
+                reply, record = await ask(env, judge.request({**row, "turns": turns}))
+                row["quality"], row["quality_reasons"] = judge.parse(reply)
+                row["provenance"] = _provenance(row["provenance"], teacher_calls=[record])
+            except (TeacherError, ValueError, KeyError, TypeError) as exc:
+                row["quality"], row["quality_reasons"] = None, f"judge failed: {exc}"
+        return row
+
+    return list(await asyncio.gather(*(one(r) for r in rows)))

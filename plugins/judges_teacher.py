@@ -1,0 +1,78 @@
+"""The ``teacher_judge`` quality judge (SPEC §2.6): a model scores each finished dialogue
+0–1 on coherence, relevance, accuracy, completeness of tool use and visual integration.
+
+It asks a configured model-backed teacher; the deterministic ``grounded`` teacher cannot
+judge, so with it the judge reports itself unavailable and no scores are written.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from mmat_assets.contracts import Availability, Judge, TeacherReply, TeacherRequest
+from mmat_assets.hookspecs import Register, hookimpl
+
+PROMPT_VERSION = "quality-1"
+SCHEMA = {"type": "object", "properties": {"score": {"type": "number"}, "reasons": {"type": "string"}},
+          "required": ["score", "reasons"]}
+PROMPT = """\
+Score this step-by-step multimodal reasoning dialogue from 0 to 1 for coherence, relevance
+to the question, accuracy, completeness of tool use and integration of the visual
+evidence. Reply with one JSON object: {{"score": <0..1>, "reasons": "<one or two sentences>"}}.
+
+Dialogue:
+{dialogue}"""
+
+
+class JudgeOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    teacher: str | None = Field(default=None, description="Configured teacher that judges (default: the first model-backed one).")
+
+
+class TeacherJudge(Judge):
+    """Scores dialogues with a model-backed teacher."""
+
+    name = "teacher_judge"
+    version = "1.0.0"
+    description = "Quality score 0-1 with reasons, written by a model-backed teacher."
+    Options = JudgeOptions
+
+    def __init__(self, options: BaseModel | Mapping[str, Any] | None = None) -> None:
+        super().__init__(options)
+        self.teacher: Any = None
+
+    def attach_teachers(self, teachers: Mapping[str, Any]) -> None:
+        """Pick the judging teacher among the configured ones (deterministic ones cannot judge)."""
+        wanted = self.options.teacher
+        for name, teacher in teachers.items():
+            if (wanted is None or name == wanted) and getattr(teacher, "name", "") != "grounded":
+                self.teacher = teacher
+                return
+
+    def availability(self) -> Availability:
+        if self.teacher is None:
+            return Availability(False, "no model-backed teacher configured to judge")
+        return self.teacher.availability()
+
+    def request(self, sample: Mapping[str, Any]) -> TeacherRequest:
+        dialogue = "\n".join(f"{t['role'].upper()}: {t['content']}" for t in sample["turns"] if t["role"] != "system")
+        return TeacherRequest("score", [{"role": "user", "content": PROMPT.format(dialogue=dialogue)}],
+                              PROMPT_VERSION, SCHEMA, {"temperature": 0})
+
+    @staticmethod
+    def parse(reply: TeacherReply) -> tuple[float, str]:
+        data = json.loads(reply.content)
+        score = min(1.0, max(0.0, float(data["score"])))
+        return score, str(data.get("reasons", ""))
+
+    def score(self, sample: Mapping[str, Any]) -> tuple[float, str]:
+        return self.parse(self.teacher.complete(self.request(sample)))
+
+
+@hookimpl
+def register_judges(register: Register) -> None:
+    register(TeacherJudge)
