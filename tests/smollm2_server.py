@@ -18,7 +18,9 @@ From a shell (CI can convert ahead of the tests)::
 
 from __future__ import annotations
 
+import importlib.util
 import os
+from collections.abc import Iterator
 import shutil
 import socket
 import subprocess
@@ -235,3 +237,18 @@ def _main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(_main(sys.argv[1:]))
+
+
+def server_or_skip() -> Iterator[SmolLM2Server]:
+    """A running server for a pytest fixture; the test is skipped when the parts are missing."""
+    import pytest
+
+    for module in ("gguf", "fastapi", "uvicorn"):
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"{module} is not installed (see requirements/teachers.txt)")
+    try:
+        gguf_path()
+    except SmolLM2Unavailable as exc:
+        pytest.skip(str(exc))
+    with SmolLM2Server() as server:
+        yield server

@@ -8,7 +8,6 @@ server really answered the teacher. Token and step limits keep the run short on 
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import pytest
 from mmat_assets import protocol
 from mmat_assets.engine import stages
 from mmat_plugins.teachers_openai import OpenAITeacher
-from tests.smollm2_server import SmolLM2Server, SmolLM2Unavailable, gguf_path
+from tests.smollm2_server import SmolLM2Server, server_or_skip
 from tests.stage_fakes import EchoTool, environment, samples
 
 pytestmark = pytest.mark.slow
@@ -32,15 +31,7 @@ ROWS = [{"question": "Table: pencils | 3, erasers | 5. How many pencils and eras
 
 @pytest.fixture(scope="module")
 def smollm2() -> Iterator[SmolLM2Server]:
-    for module in ("gguf", "fastapi", "uvicorn"):
-        if importlib.util.find_spec(module) is None:
-            pytest.skip(f"{module} is not installed (see requirements/teachers.txt)")
-    try:
-        gguf_path()
-    except SmolLM2Unavailable as exc:
-        pytest.skip(str(exc))
-    with SmolLM2Server() as server:
-        yield server
+    yield from server_or_skip()
 
 
 def test_the_stage_loop_ends_every_row_ok_or_failed_for_a_reason(smollm2: SmolLM2Server, tmp_path: Path) -> None:

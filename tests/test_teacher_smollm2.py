@@ -16,7 +16,7 @@ import pytest
 
 from mmat_assets.contracts import TeacherError, TeacherRequest
 from mmat_plugins.teachers_openai import OpenAITeacher
-from tests.smollm2_server import DONE_MARKER, SmolLM2Server, SmolLM2Unavailable, gguf_path
+from tests.smollm2_server import DONE_MARKER, SmolLM2Server, server_or_skip
 
 pytestmark = pytest.mark.slow
 
@@ -41,15 +41,7 @@ QUESTION = (
 
 @pytest.fixture(scope="module")
 def smollm2() -> Iterator[SmolLM2Server]:
-    for module in ("gguf", "fastapi", "uvicorn"):
-        if importlib.util.find_spec(module) is None:
-            pytest.skip(f"{module} is not installed (see requirements/teachers.txt)")
-    try:
-        gguf_path()
-    except SmolLM2Unavailable as exc:
-        pytest.skip(str(exc))
-    with SmolLM2Server() as server:
-        yield server
+    yield from server_or_skip()
 
 
 def test_a_real_step_request_through_the_openai_teacher(smollm2: SmolLM2Server) -> None:
