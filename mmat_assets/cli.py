@@ -46,7 +46,8 @@ def _configured_options(cfg: Any, role: str, name: str) -> dict[str, Any]:
         for scfg in cfg.sources.values():
             if scfg.plugin == name:
                 return scfg.options
-    section = {"tool": cfg.tools, "retriever": cfg.retrievers}.get(role, {})
+    section = {"tool": cfg.tools, "retriever": cfg.retrievers, "teacher": cfg.teachers,
+               "benchmark": cfg.evaluation.benchmarks}.get(role, {})
     for key, ccfg in section.items():
         if (ccfg.plugin or key) == name:
             return ccfg.options
