@@ -17,7 +17,7 @@ from typing import Any
 from mmat_assets.contracts import Teacher, TeacherError, TeacherReply, TeacherRequest
 from mmat_assets.hookspecs import Register, hookimpl
 
-TEXT_SUBSETS = re.compile(r"tab|chart|doc|text|info|ocr|dvqa|st.?vqa|plot|figure|table|wiki|screen|receipt", re.I)
+TEXT_SUBSETS = re.compile(r"tab|chart|doc|text|infographic|infovqa|ocr|dvqa|st.?vqa|plot|figure|table|wiki|screen|receipt", re.I)
 TEXT_WORDS = re.compile(r"\b(table|chart|graph|text|written|say|says|read|label|sign|number|title|price|cost)\b", re.I)
 PEOPLE_WORDS = re.compile(r"\b(person|people|man|men|woman|women|boy|girl|child|children|face|faces|player|someone)\b", re.I)
 KNOWLEDGE = re.compile(r"\b(who (?:painted|wrote|built|designed|founded|invented)|which (?:year|country|city)|"
