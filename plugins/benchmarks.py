@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import base64
 import csv
+import itertools
 import json
 import re
 import sys
+from abc import abstractmethod
 from collections.abc import Iterator
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -30,20 +32,30 @@ class _Options(BaseModel):
     limit: int | None = Field(default=None, description="Score only the first N items.")
 
 
-class TabMWPEval(Benchmark):
+class _FileBenchmark(Benchmark):
+    """Reads items from a file; ``limit`` keeps the first N, whatever the format."""
+
+    Options = _Options
+
+    def items(self) -> Iterator[BenchmarkItem]:
+        return itertools.islice(self.read(), self.options.limit)
+
+    @abstractmethod
+    def read(self) -> Iterator[BenchmarkItem]:
+        """Every item of the file, in order."""
+
+
+class TabMWPEval(_FileBenchmark):
     """TabMWP problems as an evaluation set (accuracy)."""
 
     name = "tabmwp_eval"
     version = "1.0.0"
     description = "TabMWP accuracy with numeric and choice normalisation."
-    Options = _Options
 
-    def items(self) -> Iterator[BenchmarkItem]:
+    def read(self) -> Iterator[BenchmarkItem]:
         root = self.resolve_path(self.options.path)
         problems = json.loads((root / "problems.json").read_text(encoding="utf-8"))
-        for n, (pid, p) in enumerate(problems.items()):
-            if self.options.limit is not None and n >= self.options.limit:
-                return
+        for pid, p in problems.items():
             yield BenchmarkItem(str(pid), str(p["question"]), [str(p["answer"])],
                                 ImageInput(path=str(root / "tables" / f"{pid}.png")),
                                 [str(c) for c in p.get("choices") or []],
@@ -53,20 +65,17 @@ class TabMWPEval(Benchmark):
         return float(same_answer(prediction, item.answers[0], item.meta.get("answer_type"), item.choices))
 
 
-class VLMEvalKitTSV(Benchmark):
+class VLMEvalKitTSV(_FileBenchmark):
     """A VLMEvalKit-format TSV with base64 images."""
 
     name = "vlmevalkit"
     version = "1.0.0"
     description = "VLMEvalKit TSV benchmarks (MMStar, AI2D, HallusionBench, OCRBench, RealWorldQA, ...)."
-    Options = _Options
 
-    def items(self) -> Iterator[BenchmarkItem]:
+    def read(self) -> Iterator[BenchmarkItem]:
         csv.field_size_limit(sys.maxsize)  # base64 images are long cells
         with self.resolve_path(self.options.path).open(encoding="utf-8", newline="") as f:
             for n, row in enumerate(csv.DictReader(f, delimiter="\t")):
-                if self.options.limit is not None and n >= self.options.limit:
-                    return
                 choices = [row[c] for c in "ABCDEFGH" if row.get(c) not in (None, "", "nan")]
                 image = ImageInput(data=base64.b64decode(row["image"])) if row.get("image") else None
                 yield BenchmarkItem(str(row.get("index", n)), row["question"], [row["answer"]], image, choices,
@@ -87,19 +96,16 @@ def _predicted_letter(prediction: str, choices: list[str]) -> str | None:
     return m[1] if m and ord(m[1]) - 65 < len(choices) else None
 
 
-class DynVQA(Benchmark):
+class DynVQA(_FileBenchmark):
     """Dyn-VQA JSONL, scored by F1-Recall against the answer list."""
 
     name = "dynvqa"
     version = "1.0.0"
     description = "Dyn-VQA (RAG benchmark) with F1-Recall scoring."
-    Options = _Options
 
-    def items(self) -> Iterator[BenchmarkItem]:
+    def read(self) -> Iterator[BenchmarkItem]:
         path = self.resolve_path(self.options.path)
         for n, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
-            if self.options.limit is not None and n >= self.options.limit:
-                return
             d = json.loads(line)
             answers = d["answer"] if isinstance(d["answer"], list) else [d["answer"]]
             image = str((path.parent / d["image_url"]).resolve()) if d.get("image_url") else None

@@ -11,17 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
-from mmat_assets.plugins import Registry, load_registry
+from mmat_assets.plugins import DEFAULT_PLUGINS, Registry, load_registry
 from tests.conftest import TABMWP
 
-TOOL_PLUGINS = (
-    "mmat_plugins.tools_ocr",
-    "mmat_plugins.tools_face",
-    "mmat_plugins.tools_label_bbox",
-    "mmat_plugins.tools_caption",
-    "mmat_plugins.retrievers_lancedb",
-    "mmat_plugins.retrievers_web",
-)
+# the built-in tool and retriever plugins, as the host lists them
+TOOL_PLUGINS = tuple(m for m in DEFAULT_PLUGINS if m.split(".")[-1].startswith(("tools_", "retrievers_")))
 
 
 def tool_registry() -> Registry:
