@@ -134,6 +134,10 @@ class FakeOpenAI:
     def _leave(self, status: int) -> None:
         with self._lock:
             self.in_flight -= 1
+
+    def _record(self, status: int) -> None:
+        # before the reply is written: a client that has its answer must see it counted
+        with self._lock:
             self.statuses.append(status)
 
     def fault_for(self, index: int, repeat: int, digest: str, body: dict[str, Any]) -> str | None:
@@ -205,6 +209,7 @@ def _handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
             present = self.headers.get("Authorization") or self.headers.get("api-key")
             index, repeat, digest = fake._arrive(raw, body, "present" if present else "absent",
                                                 self.path)
+            self._counted = True
             status = 500
             try:
                 status = self._answer(body, fake.fault_for(index, repeat, digest, body))
@@ -241,6 +246,8 @@ def _handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
         def _send(self, status: int, payload: dict[str, Any],
                   headers: dict[str, str] | None = None) -> int:
             data = json.dumps(payload).encode()
+            if getattr(self, "_counted", False):
+                fake._record(status)
             try:
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
