@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -15,8 +16,13 @@ from mmat_assets.assets.tools import build_tool_assets
 from mmat_assets.config import ProjectConfig, load_config
 from mmat_assets.plugins import Registry, load_registry
 from mmat_assets.resources import profile_resources
+from mmat_assets.versions import chain_code_versions
 
 PROFILES = ("local", "prod")
+
+# Content-hash data versions on outputs (mmat_assets.versions) use a Dagster beta parameter
+# knowingly; say so once here instead of on every materialization.
+warnings.filterwarnings("ignore", message="Parameter `data_version` of initializer")
 
 
 def build_definitions(cfg: ProjectConfig, profile: str = "local", registry: Registry | None = None,
@@ -28,6 +34,7 @@ def build_definitions(cfg: ProjectConfig, profile: str = "local", registry: Regi
     assets += build_tool_assets(cfg, registry, _teachers(cfg, registry))
     assets += build_retriever_assets(cfg, registry) + stages.build(cfg, registry)
     assets += export.build(cfg, registry) + training.build(cfg, registry)
+    assets = chain_code_versions(assets)  # a tool or prompt change shows everything downstream stale
     prof = cfg.profiles.get(profile)
     if prof is None:
         raise KeyError(f"profile {profile!r} is not configured (have: {sorted(cfg.profiles)})")

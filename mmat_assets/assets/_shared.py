@@ -35,10 +35,15 @@ class TeacherResource(dg.ConfigurableResource):
         return teacher
 
 
+def tool_keys(cfg: ProjectConfig, registry: Registry) -> list[dg.AssetKey]:
+    """The ``tools/<name>`` assets of every registered or configured tool."""
+    tools = set(registry.role("tool")) | {k for k, v in cfg.tools.items() if v.enabled}
+    return [dg.AssetKey(["tools", t]) for t in sorted(tools)]
+
+
 def stage_deps(cfg: ProjectConfig, registry: Registry) -> list[dg.AssetKey]:
     """Tool and retriever assets a rationale depends on: upgrading one marks it stale."""
-    tools = set(registry.role("tool")) | {k for k, v in cfg.tools.items() if v.enabled}
-    keys = [dg.AssetKey(["tools", t]) for t in sorted(tools)]
+    keys = tool_keys(cfg, registry)
     if cfg.stages.retriever:
         keys.append(dg.AssetKey(["retrievers", cfg.stages.retriever]))
     return keys

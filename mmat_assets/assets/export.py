@@ -7,7 +7,6 @@ the rejected ones with reasons, and records a content-hash data version. The ass
 No `from __future__ import annotations` here: Dagster reads the context annotations.
 """
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from mmat_assets.engine import export as ex
 from mmat_assets.engine import stages
 from mmat_assets.plugins import Registry
 from mmat_assets.resources import StorageResource
+from mmat_assets.versions import files_version, frame_version
 
 GROUP = "export"
 
@@ -30,15 +30,16 @@ def export_dir(storage: StorageResource, name: str) -> Path:
     return Path(root.path) if root.protocol in ("", "file", "local") else Path(".mmat-exports") / name
 
 
-def files_version(paths: list[Path]) -> str:
-    """A content hash of everything an export wrote (hashlib: the same in every process)."""
-    h = hashlib.sha256()
-    for p in sorted(paths):
-        h.update(p.name.encode())
-        with p.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()[:16]
+#: The ids of the exported samples, beside the exporter's files (forward lineage).
+SAMPLE_IDS = "sample_ids.parquet"
+
+
+def write_sample_ids(path: Path, records: dict[str, list[ex.Record]]) -> Path:
+    """``sample_id, format, shard`` of every exported record: which samples an export holds."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = [{"sample_id": r.id, "format": fmt, "shard": r.meta.get("shard")} for fmt, recs in records.items() for r in recs]
+    pl.DataFrame(rows, schema={"sample_id": pl.String, "format": pl.String, "shard": pl.Int32}).write_parquet(path)
+    return path
 
 
 def _context(rr: pl.DataFrame, ref: pl.DataFrame, foundation_rows: int) -> dict[str, Any]:
@@ -99,7 +100,11 @@ def _exporter_asset(cfg: ProjectConfig, registry: Registry, name: str) -> dg.Ass
         written = exporter.export(records, out, ctx)
         ex.write_jsonl(out / "rejected.jsonl", (r.__dict__ for r in rejected))
         version = files_version([Path(p) for p in written.values()])
+        ids_file = write_sample_ids(out / SAMPLE_IDS, records)
         manifest = {"exporter": name, "data_version": version, "files": written, "rows": {k: len(v) for k, v in records.items()},
+                    "sample_ids": str(ids_file),
+                    "inputs": {"rr_samples": {k: frame_version(v) for k, v in sorted(rr.items())},
+                               "orr_samples": {k: frame_version(v) for k, v in sorted(orr.items())}},
                     "rejected": len(rejected), "filter": filt.model_dump(), "max_length": cfg.export.max_length,
                     "student": student.get("path"), "licences": ex.licence_counts([r for v in records.values() for r in v])}
         (out / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")

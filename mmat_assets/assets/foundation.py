@@ -17,6 +17,7 @@ from mmat_assets.engine.images import ImageLimits
 from mmat_assets.engine.preview import counts_markdown, samples_markdown
 from mmat_assets.plugins import Registry
 from mmat_assets.resources import StorageResource
+from mmat_assets.versions import frame_version
 
 GROUP = "foundation"
 #: Bump when Foundation's own logic changes the rows it writes.
@@ -76,8 +77,10 @@ def source_asset(name: str, scfg: SourceConfig, cfg: ProjectConfig, registry: Re
         ing = engine.ingest(source, name, storage.media(), _limits(cfg))
         kept = engine.prepare_source(ing.samples, scfg.quota, cfg.foundation.seed, cfg.foundation.shards)
         context.log.info(f"{name}: {ing.counts} -> kept {kept.height}")
-        yield dg.Output(kept, "samples", metadata=_source_metadata(ing, kept, storage, cfg))
-        yield dg.Output(ing.quarantine, "quarantine", metadata={"dagster/row_count": ing.quarantine.height})
+        yield dg.Output(kept, "samples", data_version=dg.DataVersion(frame_version(kept)),
+                        metadata=_source_metadata(ing, kept, storage, cfg))
+        yield dg.Output(ing.quarantine, "quarantine", data_version=dg.DataVersion(frame_version(ing.quarantine)),
+                        metadata={"dagster/row_count": ing.quarantine.height})
 
     return _source
 
@@ -111,7 +114,7 @@ def foundation_asset(cfg: ProjectConfig) -> dg.AssetsDefinition:
             "preview": dg.MetadataValue.md(
                 samples_markdown(df, storage.media().read, cfg.foundation.preview_rows)),
         }
-        return dg.Output(df, metadata=meta)
+        return dg.Output(df, metadata=meta, data_version=dg.DataVersion(frame_version(df)))
 
     return foundation_samples
 

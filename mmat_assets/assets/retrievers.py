@@ -20,6 +20,7 @@ from mmat_assets.config import ComponentConfig, ProjectConfig
 from mmat_assets.engine.tools import configured_retrievers
 from mmat_assets.plugins import Registry
 from mmat_assets.resources import StorageResource
+from mmat_assets.versions import doc_version
 
 PROBE_QUERIES = (
     "Who painted A Sunday Afternoon on the Island of La Grande Jatte?",
@@ -70,6 +71,14 @@ def retriever_report(cfg: ProjectConfig, registry: Registry, name: str,
     return report
 
 
+def report_version(report: Mapping[str, Any]) -> str:
+    """The data version of a retriever asset: its version, options, index content and probe
+    answers; timings and whether the index was reused are left out."""
+    build = {k: v for k, v in report["build"].items() if k not in ("wall_s", "build_s", "embed_s", "reused")}
+    probes = [{k: v for k, v in p.items() if k != "latency_s"} for p in report["probes"]]
+    return doc_version({**report, "build": build, "probes": probes})
+
+
 def _metadata(report: Mapping[str, Any], note: str) -> dict[str, Any]:
     build = report["build"]
     latencies = [p["latency_s"] for p in report["probes"] if not p["error"]]
@@ -107,7 +116,8 @@ def _retriever_asset(cfg: ProjectConfig, registry: Registry, name: str,
         report = retriever_report(cfg, registry, name, workdir)
         if not report["available"]:
             context.log.warning(f"retriever {name} is unavailable: {report['reason']}")
-        return dg.MaterializeResult(metadata=_metadata(report, note or str(workdir)))
+        return dg.MaterializeResult(metadata=_metadata(report, note or str(workdir)),
+                                    data_version=dg.DataVersion(report_version(report)))
 
     return _asset
 

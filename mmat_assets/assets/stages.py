@@ -18,14 +18,30 @@ from mmat_assets import protocol
 from mmat_assets.assets._shared import TeacherResource, cache_metadata, shard_environment, stage_deps
 from mmat_assets.assets.foundation import shards_partitions
 from mmat_assets.config import ProjectConfig
-from mmat_assets.engine import stages
+from mmat_assets.engine import reflection, stages
 from mmat_assets.engine.preview import counts_markdown
 from mmat_assets.plugins import Registry
 from mmat_assets.resources import StorageResource
+from mmat_assets.versions import doc_version, frame_version
 
-#: Bump when a stage's own logic changes the rows it writes.
-CODE_VERSIONS = {"rationales": f"1+{protocol.PROMPT_VERSION}", "reflections": "1+judge-1",
-                 "rr_samples": "1", "orr_samples": "1", "dialogue_files": "1"}
+#: Bump a number when that stage's own logic changes the rows it writes.
+OWN_VERSIONS = {"rationales": "1", "reflections": "1", "rr_samples": "1", "orr_samples": "1", "dialogue_files": "1"}
+
+
+def code_versions(cfg: ProjectConfig, registry: Registry) -> dict[str, str]:
+    """Each stage asset's own code version: its logic, and for the teacher-driven stages the
+    prompt (or judge prompt) version and the teacher implementation's version. Upstream
+    versions are chained on by the definitions (mmat_assets.versions)."""
+    entry = cfg.teachers.get(cfg.stages.teacher)
+    plugin = entry.plugin if entry and entry.plugin else cfg.stages.teacher
+    try:
+        teacher = f"{plugin}-{registry.get('teacher', plugin).cls.version}"
+    except KeyError:  # reported when the stage runs; the graph still loads
+        teacher = plugin
+    out = dict(OWN_VERSIONS)
+    out["rationales"] += f"+{protocol.PROMPT_VERSION}+{teacher}"
+    out["reflections"] += f"+{reflection.JUDGE_VERSION}+{teacher}"
+    return out
 
 
 def _md_counts(counts: dict[Any, int], key: str, title: str) -> dg.MetadataValue:
@@ -43,10 +59,23 @@ def _dialogue_preview(df: pl.DataFrame, n: int) -> str:
     return "\n\n---\n\n".join(parts) or "(no samples)"
 
 
+def _stamped(context: dg.AssetExecutionContext, df: pl.DataFrame, inputs: dict[str, pl.DataFrame]) -> pl.DataFrame:
+    """``df`` with this asset partition's lineage entry on every row (see stages.stamp_lineage)."""
+    key = context.asset_key
+    return stages.stamp_lineage(df, key.to_user_string(), context.partition_key,
+                                context.assets_def.code_versions_by_key.get(key),
+                                {name: frame_version(frame) for name, frame in inputs.items()})
+
+
+def _versioned(df: pl.DataFrame, metadata: dict[str, Any]) -> dg.Output[pl.DataFrame]:
+    """The table as an output whose data version is its content hash."""
+    return dg.Output(df, metadata=metadata, data_version=dg.DataVersion(frame_version(df)))
+
+
 def rationale_assets(cfg: ProjectConfig, registry: Registry) -> list[dg.AssetsDefinition]:
     parts = shards_partitions(cfg)
 
-    @dg.asset(partitions_def=parts, group_name="rationale", code_version=CODE_VERSIONS["rationales"],
+    @dg.asset(partitions_def=parts, group_name="rationale", code_version=code_versions(cfg, registry)["rationales"],
               deps=stage_deps(cfg, registry), kinds={"polars"})
     def rationales(context: dg.AssetExecutionContext, foundation_samples: pl.DataFrame,
                    storage: StorageResource, teacher: TeacherResource) -> dg.Output[pl.DataFrame]:
@@ -62,13 +91,14 @@ def rationale_assets(cfg: ProjectConfig, registry: Registry) -> list[dg.AssetsDe
                 context.log.info(f"rationales: {done}/{total} samples")
 
         with shard_environment(cfg, registry, storage, teacher, context.partition_key) as env:
-            df = stages.run_rationales(foundation_samples, env, progress)
+            df = _stamped(context, stages.run_rationales(foundation_samples, env, progress),
+                          {"foundation_samples": foundation_samples})
             meta = {"dagster/row_count": df.height, "ok": df.filter(pl.col("status") == "ok").height,
                     "tools_offered": ", ".join(sorted(env.tools)) or "none",
                     "failures": _md_counts(stages.failures(df), "stage:reason", "Failures"),
                     "tool_calls_per_tool": _md_counts(stages.tool_counts(df), "tool", "Samples calling each tool"),
                     **stages.teacher_totals(df), **cache_metadata(env)}
-        return dg.Output(df, metadata=meta)
+        return _versioned(df, meta)
 
     return [rationales]
 
@@ -76,7 +106,7 @@ def rationale_assets(cfg: ProjectConfig, registry: Registry) -> list[dg.AssetsDe
 def reflection_assets(cfg: ProjectConfig, registry: Registry) -> list[dg.AssetsDefinition]:
     parts = shards_partitions(cfg)
 
-    @dg.asset(partitions_def=parts, group_name="reflection", code_version=CODE_VERSIONS["reflections"],
+    @dg.asset(partitions_def=parts, group_name="reflection", code_version=code_versions(cfg, registry)["reflections"],
               kinds={"polars"})
     def reflections(context: dg.AssetExecutionContext, rationales: pl.DataFrame, storage: StorageResource,
                     teacher: TeacherResource) -> dg.Output[pl.DataFrame]:
@@ -88,13 +118,14 @@ def reflection_assets(cfg: ProjectConfig, registry: Registry) -> list[dg.AssetsD
             judge = _judge(cfg, registry, env)
             if judge is not None:
                 df = stages.score_quality(df, judge, env)
+            df = _stamped(context, df, {"rationales": rationales})
             meta = {"dagster/row_count": df.height, "passed": df.filter(pl.col("status") == "ok").height,
                     "reflected": df.filter(pl.col("reflected").fill_null(False)).height,
                     "quality_mean": float(df["quality"].mean() or 0.0) if judge is not None else 0.0,
                     "checks_fired": _md_counts(stages.check_counts(df), "check", "Reflection checks fired"),
                     "failures": _md_counts(stages.failures(df), "stage:reason", "Failures"),
                     **stages.teacher_totals(df), **cache_metadata(env)}
-        return dg.Output(df, metadata=meta)
+        return _versioned(df, meta)
 
     return [reflections]
 
@@ -117,26 +148,26 @@ def integration_assets(cfg: ProjectConfig) -> list[dg.AssetsDefinition]:
     parts = shards_partitions(cfg)
     n_preview = cfg.stages.preview_rows
 
-    @dg.asset(partitions_def=parts, group_name="integration", code_version=CODE_VERSIONS["rr_samples"],
+    @dg.asset(partitions_def=parts, group_name="integration", code_version=OWN_VERSIONS["rr_samples"],
               kinds={"polars"})
-    def rr_samples(reflections: pl.DataFrame) -> dg.Output[pl.DataFrame]:
+    def rr_samples(context: dg.AssetExecutionContext, reflections: pl.DataFrame) -> dg.Output[pl.DataFrame]:
         """RR dialogues (SPEC §2.3): one assistant turn per step in tag format, tool results
         as user turns, the summary request and the bare gold answer; system prompt first."""
-        df = stages.rr_samples(reflections)
-        return dg.Output(df, metadata={"dagster/row_count": df.height,
-                                       "preview": dg.MetadataValue.md(_dialogue_preview(df, n_preview))})
+        df = _stamped(context, stages.rr_samples(reflections), {"reflections": reflections})
+        return _versioned(df, {"dagster/row_count": df.height,
+                               "preview": dg.MetadataValue.md(_dialogue_preview(df, n_preview))})
 
-    @dg.asset(partitions_def=parts, group_name="integration", code_version=CODE_VERSIONS["orr_samples"],
+    @dg.asset(partitions_def=parts, group_name="integration", code_version=OWN_VERSIONS["orr_samples"],
               kinds={"polars"})
-    def orr_samples(reflections: pl.DataFrame) -> dg.Output[pl.DataFrame]:
+    def orr_samples(context: dg.AssetExecutionContext, reflections: pl.DataFrame) -> dg.Output[pl.DataFrame]:
         """ORR samples (SPEC §2.5): question plus every tool output in one user turn, all
         thoughts joined and the answer in one assistant turn; RAG text left out."""
-        df = stages.orr_samples(reflections)
-        return dg.Output(df, metadata={"dagster/row_count": df.height,
-                                       "used_rag": df.filter(pl.col("used_rag").fill_null(False)).height,
-                                       "preview": dg.MetadataValue.md(_dialogue_preview(df, n_preview))})
+        df = _stamped(context, stages.orr_samples(reflections), {"reflections": reflections})
+        return _versioned(df, {"dagster/row_count": df.height,
+                               "used_rag": df.filter(pl.col("used_rag").fill_null(False)).height,
+                               "preview": dg.MetadataValue.md(_dialogue_preview(df, n_preview))})
 
-    @dg.asset(group_name="integration", code_version=CODE_VERSIONS["dialogue_files"], kinds={"json"},
+    @dg.asset(group_name="integration", code_version=OWN_VERSIONS["dialogue_files"], kinds={"json"},
               ins={"foundation": dg.AssetIn("foundation_samples"), "reflected": dg.AssetIn("reflections"),
                    "rr": dg.AssetIn("rr_samples"), "orr": dg.AssetIn("orr_samples")})
     def dialogue_files(context: dg.AssetExecutionContext, storage: StorageResource,
@@ -158,7 +189,7 @@ def integration_assets(cfg: ProjectConfig) -> list[dg.AssetsDefinition]:
         summary = (f"RR: {paths['rr']}\nORR: {paths['orr']}\nfunnel: "
                    + " -> ".join(f"{k} {v}" for k, v in funnel.items()))
         context.log.info(summary)
-        return dg.MaterializeResult(metadata={
+        return dg.MaterializeResult(data_version=dg.DataVersion(doc_version({"rr": frame_version(all_rr), "orr": frame_version(all_orr)})), metadata={
             "rr_path": dg.MetadataValue.path(paths["rr"]), "orr_path": dg.MetadataValue.path(paths["orr"]),
             "funnel": _md_counts(funnel, "stage", "Yield funnel"),
             "steps_per_sample": _md_counts(stages.steps_histogram(all_r), "steps", "Steps per RR sample"),

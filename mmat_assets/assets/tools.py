@@ -18,6 +18,7 @@ import dagster as dg
 from mmat_assets.config import ComponentConfig, ProjectConfig
 from mmat_assets.engine.tools import call_tool, configured_tools
 from mmat_assets.plugins import Registry
+from mmat_assets.versions import doc_version
 
 #: Arguments a probe passes to tools that need some.
 PROBE_ARGS: dict[str, dict[str, Any]] = {
@@ -90,6 +91,12 @@ def _options(tool: Any, entry: ComponentConfig) -> dict[str, Any]:
     return opts.model_dump(mode="json") if opts is not None else dict(entry.options)
 
 
+def report_version(report: Mapping[str, Any]) -> str:
+    """The data version of a tool asset: what the tool is and what its probes said (not how fast)."""
+    probes = [{k: v for k, v in p.items() if k != "latency_s"} for p in report["probes"]]
+    return doc_version({**report, "probes": probes})
+
+
 def _metadata(report: Mapping[str, Any]) -> dict[str, Any]:
     latencies = [p["latency_s"] for p in report["probes"] if not p["error"]]
     return {
@@ -116,7 +123,7 @@ def _tool_asset(cfg: ProjectConfig, registry: Registry, name: str, entry: Compon
         report = tool_report(cfg, registry, name, teachers)
         if not report["available"]:
             context.log.warning(f"tool {name} is unavailable: {report['reason']}")
-        return dg.MaterializeResult(metadata=_metadata(report))
+        return dg.MaterializeResult(metadata=_metadata(report), data_version=dg.DataVersion(report_version(report)))
 
     return _asset
 

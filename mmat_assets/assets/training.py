@@ -19,7 +19,10 @@ from mmat_assets.config import ProjectConfig
 from mmat_assets.engine import evaluate as ev
 from mmat_assets.engine.tools import available_tools
 from mmat_assets.plugins import Registry
+from mmat_assets.assets._shared import tool_keys
+from mmat_assets.assets.export import SAMPLE_IDS
 from mmat_assets.resources import StorageResource
+from mmat_assets.versions import doc_version, tree_version
 
 TRAIN_GROUP, EVAL_GROUP = "training", "evaluation"
 MODELS = ("base", "tuned")
@@ -32,16 +35,19 @@ def _local(storage: StorageResource, *parts: str) -> Path:
 
 def student_asset(cfg: ProjectConfig) -> dg.AssetsDefinition:
     @dg.asset(group_name=TRAIN_GROUP, io_manager_key="json_io_manager", code_version="1", kinds={"pytorch"})
-    def student_base(context: dg.AssetExecutionContext, storage: StorageResource) -> dict[str, Any]:
+    def student_base(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.Output[dict[str, Any]]:
         """The student before tuning: the offline LLaVA-style model (SmolLM2-135M-Instruct
         language model + a small vision tower, built locally once), or a hub id / local path."""
         if cfg.export.student != "offline":
-            return {"path": cfg.export.student, "built": False}
+            out = {"path": cfg.export.student, "built": False}
+            local = Path(cfg.export.student)
+            version = tree_version(local) if local.is_dir() else doc_version(out)
+            return dg.Output(out, data_version=dg.DataVersion(version))
         from mmat_assets.engine.student import build_offline_student
 
         path = build_offline_student(_local(storage, "models", "student-base"))
-        context.add_output_metadata({"path": dg.MetadataValue.path(str(path))})
-        return {"path": str(path), "built": True}
+        return dg.Output({"path": str(path), "built": True}, data_version=dg.DataVersion(tree_version(path)),
+                         metadata={"path": dg.MetadataValue.path(str(path))})
 
     return student_base
 
@@ -71,7 +77,10 @@ def tuned_asset(cfg: ProjectConfig) -> dg.AssetsDefinition:
                 "data": t.data, "trainer": t.trainer, "training_config": options, "code_version": __version__,
                 "student": student["path"], **metrics}
         (out_dir / "mmat_lineage.json").write_text(json.dumps(meta, indent=2, default=str), encoding="utf-8")
-        return dg.Output(meta, metadata={**(reported.metadata or {}), "export_data_version": export["data_version"],
+        if export.get("sample_ids") and Path(export["sample_ids"]).is_file():  # which samples it was trained on
+            (out_dir / SAMPLE_IDS).write_bytes(Path(export["sample_ids"]).read_bytes())
+        return dg.Output(meta, data_version=dg.DataVersion(tree_version(out_dir)),
+                         metadata={**(reported.metadata or {}), "export_data_version": export["data_version"],
                                           "checkpoint": dg.MetadataValue.path(str(out_dir)),
                                           "training_config": dg.MetadataValue.json(options)})
 
@@ -112,11 +121,14 @@ def eval_asset(cfg: ProjectConfig, registry: Registry, model: str, bench: str, m
     ins = {"student": dg.AssetIn("student_base")}
     if model == "tuned":
         ins["tuned"] = dg.AssetIn("tuned_model")
+    deps = tool_keys(cfg, registry) if mode != "baseline" else []  # the tools run in the loop
+    if cfg.evaluation.exclude_training_rows:  # items the export trained on are left out
+        deps.append(dg.AssetKey(["exports", cfg.training.exporter]))
 
     @dg.asset(key=["evaluations", model, bench, mode], group_name=EVAL_GROUP, io_manager_key="json_io_manager",
-              ins=ins, code_version="1", kinds={"pytorch"},
+              ins=ins, deps=deps, code_version="1", kinds={"pytorch"},
               description=f"The {model} student on {bench!r} in {mode} mode (tools in the loop for orr/rr).")
-    def _asset(context: dg.AssetExecutionContext, storage: StorageResource, **inputs: Any) -> dict[str, Any]:
+    def _asset(context: dg.AssetExecutionContext, storage: StorageResource, **inputs: Any) -> dg.Output[dict[str, Any]]:
         e = cfg.evaluation
         benchmark = registry.create("benchmark", entry.plugin or bench, entry.options)
         benchmark.base_dir = cfg.base_dir
@@ -130,9 +142,10 @@ def eval_asset(cfg: ProjectConfig, registry: Registry, model: str, bench: str, m
         results = ev.evaluate(respond, benchmark, items, mode, harness, _local(storage, "eval", "images"),
                               lambda n: context.log.info(f"{model}/{bench}/{mode}: {n}/{len(items)}") if n % 5 == 0 else None)
         summary = {"model": model, "benchmark": bench, "mode": mode, **ev.summary(results)}
-        context.add_output_metadata({"score": summary["score"], "items": summary["items"],
-                                     "latency_s": summary["latency_s"], "mean_steps": summary["mean_steps"]})
-        return {**summary, "results": [r.__dict__ for r in results]}
+        out = {**summary, "results": [r.__dict__ for r in results]}
+        return dg.Output(out, data_version=dg.DataVersion(doc_version(out)), metadata={
+            "score": summary["score"], "items": summary["items"], "latency_s": summary["latency_s"],
+            "mean_steps": summary["mean_steps"]})
 
     return _asset
 
@@ -149,7 +162,8 @@ def report_asset(cfg: ProjectConfig, keys: list[list[str]]) -> dg.AssetsDefiniti
     ins["tuned"] = dg.AssetIn("tuned_model")
 
     @dg.asset(group_name=EVAL_GROUP, io_manager_key="json_io_manager", ins=ins, code_version="1", kinds={"markdown"})
-    def evaluation_report(context: dg.AssetExecutionContext, storage: StorageResource, **inputs: Any) -> dict[str, Any]:
+    def evaluation_report(context: dg.AssetExecutionContext, storage: StorageResource,
+                          **inputs: Any) -> dg.Output[dict[str, Any]]:
         """Base vs tuned in every mode: the paper's table (benchmarks, average, latency)."""
         tuned = inputs.pop("tuned")
         rows = [{k: v for k, v in r.items() if k != "results"} for r in inputs.values()]
@@ -159,9 +173,10 @@ def report_asset(cfg: ProjectConfig, keys: list[list[str]]) -> dg.AssetsDefiniti
         path = _local(storage, "reports", "evaluation.md")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(header + table + "\n", encoding="utf-8")
-        context.add_output_metadata({"report": dg.MetadataValue.md(header + table),
-                                     "path": dg.MetadataValue.path(str(path)), "mmat/summary": f"{header}{table}\n({path})"})
-        return {"rows": rows, "path": str(path), "export_data_version": tuned["export_data_version"]}
+        out = {"rows": rows, "path": str(path), "export_data_version": tuned["export_data_version"]}
+        return dg.Output(out, data_version=dg.DataVersion(doc_version(out)), metadata={
+            "report": dg.MetadataValue.md(header + table), "path": dg.MetadataValue.path(str(path)),
+            "mmat/summary": f"{header}{table}\n({path})"})
 
     return evaluation_report
 

@@ -78,6 +78,18 @@ def _provenance(old: str | None, **extra: Any) -> str:
     return json.dumps(base, ensure_ascii=False, sort_keys=True)
 
 
+def stamp_lineage(df: pl.DataFrame, asset: str, partition: str, code_version: str | None,
+                  inputs: Mapping[str, str]) -> pl.DataFrame:
+    """Append to every row's provenance ``assets`` the asset partition that wrote it, its code
+    version and the data versions of the tables it read, so a row carries its own lineage
+    (``mmat lineage``) and no event log is needed to trace it."""
+    if df.is_empty():
+        return df
+    entry = [{"asset": asset, "partition": partition, "code_version": code_version, "inputs": dict(inputs)}]
+    prov = [_provenance(p, assets=entry) for p in df["provenance"]]
+    return df.with_columns(provenance=pl.Series(prov, dtype=pl.String))
+
+
 # ------------------------------------------------------------------------ rationale
 
 
