@@ -165,6 +165,101 @@ def _print_summary(summary: dict[str, Any]) -> None:
                       f"(run history) under $DAGSTER_HOME={os.environ.get('DAGSTER_HOME', '')}")
 
 
+ProfileOpt = Annotated[str, typer.Option(help="Storage profile: local or prod.", envvar="MMAT_PROFILE")]
+SampleArg = Annotated[str, typer.Argument(help="A sample id, or a unique prefix of one (at least 4 characters).")]
+
+
+def _tables(config: Path, profile: str) -> Any:
+    """The stored tables of the project's ``profile`` (endpoint from the profile's variable)."""
+    from mmat_assets.config import load_config
+    from mmat_assets.engine.lineage import tables_for
+
+    if not config.exists():
+        raise typer.BadParameter(f"no project config at {config}", param_hint="--config")
+    cfg = load_config(config)
+    prof = cfg.profiles.get(profile)
+    if prof is None:
+        raise typer.BadParameter(f"profile {profile!r} is not configured (have: {sorted(cfg.profiles)})",
+                                 param_hint="--profile")
+    endpoint = os.environ.get(prof.endpoint_url_env) if prof.endpoint_url_env else None
+    return tables_for(cfg.profile_root(profile), {"endpoint_url": endpoint} if endpoint else None)
+
+
+def _lookup(fn: Any, *args: Any) -> Any:
+    """Run a lineage query; a missing sample, export or model is a clear error and exit 1."""
+    from mmat_assets.engine.lineage import LineageError
+
+    try:
+        with console.status("reading tables…"):
+            return fn(*args)
+    except LineageError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(code=1) from None
+
+
+@app.command()
+def show(sample_id: SampleArg, config: ConfigOpt = Path("mmat.yaml"), profile: ProfileOpt = "local",
+         as_json: JsonOpt = False) -> None:
+    """Show one sample: its question and image, its RR and ORR dialogues, and its tool calls."""
+    from mmat_assets.engine.lineage import show as show_sample
+
+    data = _lookup(show_sample, _tables(config, profile), sample_id)
+    if as_json:
+        print(json.dumps(data, indent=2, ensure_ascii=False, default=str))
+        return
+    from mmat_assets.engine.lineage_render import render_show
+
+    render_show(data, console)
+
+
+@app.command()
+def lineage(sample_id: SampleArg, config: ConfigOpt = Path("mmat.yaml"), profile: ProfileOpt = "local",
+            as_json: JsonOpt = False) -> None:
+    """Trace one sample: source row and licence, images, tool and teacher calls, reflection
+    checks, the asset versions that wrote it, and the exports and models that hold it."""
+    from mmat_assets.engine.lineage import lineage as trace
+
+    data = _lookup(trace, _tables(config, profile), sample_id)
+    if as_json:
+        print(json.dumps(data, indent=2, ensure_ascii=False, default=str))
+        return
+    from mmat_assets.engine.lineage_render import render_lineage
+
+    render_lineage(data, console)
+
+
+@app.command()
+def audit(
+    target: Annotated[str, typer.Argument(help="'tuned_model' (or a checkpoint folder), or an export: "
+                                               "'exports/ms_swift' or 'ms_swift'.")],
+    config: ConfigOpt = Path("mmat.yaml"), profile: ProfileOpt = "local", as_json: JsonOpt = False,
+    html: Annotated[Path | None, typer.Option("--html", help="Also write a self-contained HTML report with charts "
+                                                              "to this file.")] = None,
+) -> None:
+    """Audit a tuned model or an export: data version, shards, sources and licences
+    (non-commercial flagged), teachers and tool versions, tokens and cost, reflection and
+    failure rates, the yield funnel."""
+    from mmat_assets.engine import audit_render
+    from mmat_assets.engine.lineage import audit as collect
+
+    notes: list[str] = []
+    data = _lookup(collect, _tables(config, profile), target, notes.append)
+    if html is not None:
+        html.parent.mkdir(parents=True, exist_ok=True)
+        html.write_text(audit_render.render_html(data), encoding="utf-8")
+    if as_json:
+        print(audit_render.render_json(data))
+        return
+    for note in notes:
+        if note.startswith("note:"):
+            console.print(f"[yellow]{note}[/]")
+    audit_render.render_text(data, console)
+    if data.get("missing_rows"):
+        console.print(f"[yellow]{data['missing_rows']} exported samples are no longer in the stage tables[/]")
+    if html is not None:
+        console.print(f"HTML report: {html.resolve()}")
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app(prog_name="mmat")
 

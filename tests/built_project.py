@@ -1,5 +1,6 @@
 """A small real project built once per test session: 4 TabMWP problems through Foundation,
-the tools, rationale, reflection, RR/ORR and the ms-swift export (real OCR, grounded teacher).
+the tools, rationale, reflection, RR/ORR, the ms-swift export and one LoRA step of training
+(real OCR, grounded teacher, the offline student).
 
 Lineage, audit and staleness tests read what it wrote; they never change it.
 """
@@ -21,7 +22,7 @@ from mmat_assets.runner import plan
 from tests.conftest import TABMWP, write_project
 
 N_PROBLEMS = 4
-TARGETS = ("*dialogue_files", "group:foundation", "student_base", "exports/ms_swift")
+TARGETS = ("*dialogue_files", "group:foundation", "student_base", "exports/ms_swift", "tuned_model")
 
 
 @dataclass
@@ -42,7 +43,8 @@ def project_config(tmp: Path, problems: dict[str, Any]) -> Path:
         shutil.copy(TABMWP / "tables" / f"{pid}.png", data / "tables")
     return write_project(tmp, {"tabmwp": {"plugin": "tabmwp", "options": {"path": "tabmwp"}}}, shards=2,
                          tools={"label_bbox": {"enabled": False}},
-                         export={"exporters": ["ms_swift"], "formats": ["rr", "orr"]})
+                         export={"exporters": ["ms_swift"], "formats": ["rr", "orr"], "max_length": 1024},
+                         training={"options": {"max_steps": 1, "cpu_threads": 1, "max_length": 1024}})
 
 
 def materialize(defs: dg.Definitions, instance: dg.DagsterInstance, selection: str | list[str]) -> set[Any]:

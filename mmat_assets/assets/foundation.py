@@ -15,6 +15,7 @@ from mmat_assets.config import ProjectConfig, SourceConfig
 from mmat_assets.engine import foundation as engine
 from mmat_assets.engine.images import ImageLimits
 from mmat_assets.engine.preview import counts_markdown, samples_markdown
+from mmat_assets.engine.stages import stamp_lineage
 from mmat_assets.plugins import Registry
 from mmat_assets.resources import StorageResource
 from mmat_assets.versions import frame_version
@@ -107,6 +108,10 @@ def foundation_asset(cfg: ProjectConfig) -> dg.AssetsDefinition:
         """
         shard = int(context.partition_key)
         df = engine.foundation_shard(sources.values(), shard)
+        key = context.asset_key
+        df = stamp_lineage(df, key.to_user_string(), context.partition_key,
+                           context.assets_def.code_versions_by_key.get(key),
+                           {f"source_samples/{name[len('src_'):]}": frame_version(src) for name, src in sources.items()})
         meta = {
             "dagster/row_count": df.height,
             "shard": shard,

@@ -18,7 +18,7 @@ from mmat_assets import protocol
 from mmat_assets.assets._shared import TeacherResource, cache_metadata, shard_environment, stage_deps
 from mmat_assets.assets.foundation import shards_partitions
 from mmat_assets.config import ProjectConfig
-from mmat_assets.engine import reflection, stages
+from mmat_assets.engine import charts, reflection, stages
 from mmat_assets.engine.preview import counts_markdown
 from mmat_assets.plugins import Registry
 from mmat_assets.resources import StorageResource
@@ -186,14 +186,21 @@ def integration_assets(cfg: ProjectConfig) -> list[dg.AssetsDefinition]:
                     f.write(json.dumps(_jsonl_row(row), ensure_ascii=False) + "\n")
             paths[name] = str(path)
         funnel = stages.funnel(all_f, all_r, all_rr, all_orr)
+        steps, tools = stages.steps_histogram(all_r), stages.tool_counts(all_r)
         summary = (f"RR: {paths['rr']}\nORR: {paths['orr']}\nfunnel: "
                    + " -> ".join(f"{k} {v}" for k, v in funnel.items()))
         context.log.info(summary)
         return dg.MaterializeResult(data_version=dg.DataVersion(doc_version({"rr": frame_version(all_rr), "orr": frame_version(all_orr)})), metadata={
             "rr_path": dg.MetadataValue.path(paths["rr"]), "orr_path": dg.MetadataValue.path(paths["orr"]),
             "funnel": _md_counts(funnel, "stage", "Yield funnel"),
-            "steps_per_sample": _md_counts(stages.steps_histogram(all_r), "steps", "Steps per RR sample"),
-            "tool_calls_per_tool": _md_counts(stages.tool_counts(all_r), "tool", "Samples calling each tool"),
+            "funnel_chart": dg.MetadataValue.md(charts.markdown_chart(charts.funnel_svg(funnel), "Yield funnel")),
+            "steps_per_sample": _md_counts(steps, "steps", "Steps per RR sample"),
+            "steps_chart": dg.MetadataValue.md(charts.markdown_chart(
+                charts.bar_chart_svg({str(k): v for k, v in steps.items()}, "RR samples by steps", horizontal=False),
+                "Steps per RR sample")),
+            "tool_calls_per_tool": _md_counts(tools, "tool", "Samples calling each tool"),
+            "tool_calls_chart": dg.MetadataValue.md(charts.markdown_chart(
+                charts.bar_chart_svg(tools, "Samples calling each tool"), "Samples calling each tool")),
             "checks_fired": _md_counts(stages.check_counts(all_r), "check", "Reflection checks fired"),
             "failures": _md_counts(stages.failures(all_r), "stage:reason", "Failures"),
             "rows_by_licence": dg.MetadataValue.md(counts_markdown(all_rr, ["source", "license"], "RR rows by licence")),

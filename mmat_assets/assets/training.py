@@ -73,16 +73,18 @@ def tuned_asset(cfg: ProjectConfig) -> dg.AssetsDefinition:
         out_dir = _local(storage, "models", "tuned")
         reported = run_training_pipes(context, t.trainer, options, str(train_dir), str(out_dir)).get_materialize_result()
         metrics = {k: getattr(v, "value", v) for k, v in (reported.metadata or {}).items()}
-        meta = {"checkpoint": str(out_dir), "export": "/".join(export_key), "export_data_version": export["data_version"],
-                "data": t.data, "trainer": t.trainer, "training_config": options, "code_version": __version__,
-                "student": student["path"], **metrics}
+        meta = {"checkpoint": str(out_dir), **metrics, "model_dir": str(out_dir), "export": "/".join(export_key),
+                "export_data_version": export["data_version"], "data": t.data, "trainer": t.trainer,
+                "training_config": options, "code_version": __version__, "student": student["path"]}
+        if export.get("sample_ids") and Path(export["sample_ids"]).is_file():  # the samples it was trained on
+            ids = out_dir / SAMPLE_IDS
+            ids.write_bytes(Path(export["sample_ids"]).read_bytes())
+            meta["sample_ids"] = str(ids)
         (out_dir / "mmat_lineage.json").write_text(json.dumps(meta, indent=2, default=str), encoding="utf-8")
-        if export.get("sample_ids") and Path(export["sample_ids"]).is_file():  # which samples it was trained on
-            (out_dir / SAMPLE_IDS).write_bytes(Path(export["sample_ids"]).read_bytes())
         return dg.Output(meta, data_version=dg.DataVersion(tree_version(out_dir)),
                          metadata={**(reported.metadata or {}), "export_data_version": export["data_version"],
-                                          "checkpoint": dg.MetadataValue.path(str(out_dir)),
-                                          "training_config": dg.MetadataValue.json(options)})
+                                   "checkpoint": dg.MetadataValue.path(str(meta["checkpoint"])),
+                                   "training_config": dg.MetadataValue.json(options)})
 
     return tuned_model
 
