@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -75,3 +76,23 @@ def test_build_fails_with_a_readable_summary(tmp_path: Path) -> None:
     out = _run_build(cfg, home)
     assert out.returncode == 1
     assert "failed" in out.stdout and "source_samples/gone" in out.stdout
+    assert re.search(r"^\[1/\d+\] .*failures \d+", out.stdout, re.M)  # not a terminal: a progress line per run
+
+
+def test_build_on_a_terminal_shows_a_live_progress_bar_and_fails_readably(tmp_path: Path) -> None:
+    """Through a pseudo-terminal (util-linux ``script``): the live bar, then the summary."""
+    cfg = write_project(tmp_path, {"qa": {"plugin": "qa_table", "options": {
+        "path": "q.jsonl", "license": "CC0-1.0", "columns": {"question": "q", "answer": "a"}}}}, shards=2)
+    (tmp_path / "store").write_text("not a directory")  # the storage root cannot be written: fatal
+    home = tmp_path / "home"
+    home.mkdir()
+    mmat = Path(sys.executable).with_name("mmat")
+    env = {**os.environ, "DAGSTER_HOME": str(home), "COLUMNS": "160", "TERM": "xterm"}
+    out = subprocess.run(["script", "-qec", f"{mmat} build --config {cfg}", "/dev/null"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 1, out.stdout[-2000:]
+    assert "\x1b[2K" in out.stdout  # a terminal: rich redraws the live line in place
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out.stdout)
+    assert "━" in text and re.search(r"\d+/\d+ rows \d+  failures [1-9]", text)  # the bar, counting failures
+    assert not re.search(r"^\[1/\d+\]", text, re.M)  # the per-run lines are for logs, not terminals
+    assert "source_samples/qa" in text and "NotADirectoryError" in text and "failed or skipped" in text
