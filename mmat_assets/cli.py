@@ -197,19 +197,22 @@ def _lookup(fn: Any, *args: Any) -> Any:
         raise typer.Exit(code=1) from None
 
 
+def _sample_view(query: str, renderer: str, config: Path, profile: str, sample_id: str, as_json: bool) -> None:
+    """Run one of the lineage module's sample queries and print it as JSON or rendered."""
+    from mmat_assets.engine import lineage, lineage_render
+
+    data = _lookup(getattr(lineage, query), _tables(config, profile), sample_id)
+    if as_json:
+        print(json.dumps(data, indent=2, ensure_ascii=False, default=str))
+    else:
+        getattr(lineage_render, renderer)(data, console)
+
+
 @app.command()
 def show(sample_id: SampleArg, config: ConfigOpt = Path("mmat.yaml"), profile: ProfileOpt = "local",
          as_json: JsonOpt = False) -> None:
     """Show one sample: its question and image, its RR and ORR dialogues, and its tool calls."""
-    from mmat_assets.engine.lineage import show as show_sample
-
-    data = _lookup(show_sample, _tables(config, profile), sample_id)
-    if as_json:
-        print(json.dumps(data, indent=2, ensure_ascii=False, default=str))
-        return
-    from mmat_assets.engine.lineage_render import render_show
-
-    render_show(data, console)
+    _sample_view("show", "render_show", config, profile, sample_id, as_json)
 
 
 @app.command()
@@ -217,15 +220,7 @@ def lineage(sample_id: SampleArg, config: ConfigOpt = Path("mmat.yaml"), profile
             as_json: JsonOpt = False) -> None:
     """Trace one sample: source row and licence, images, tool and teacher calls, reflection
     checks, the asset versions that wrote it, and the exports and models that hold it."""
-    from mmat_assets.engine.lineage import lineage as trace
-
-    data = _lookup(trace, _tables(config, profile), sample_id)
-    if as_json:
-        print(json.dumps(data, indent=2, ensure_ascii=False, default=str))
-        return
-    from mmat_assets.engine.lineage_render import render_lineage
-
-    render_lineage(data, console)
+    _sample_view("lineage", "render_lineage", config, profile, sample_id, as_json)
 
 
 @app.command()
