@@ -20,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 
 #: The asset the main job builds, with everything upstream of it: the first that exists.
-MAIN_TARGETS = ("evaluation_report", "dialogue_files")
+MAIN_TARGETS = ("evaluation_report", "dialogue_files")  # the main job builds both and what they need
 #: Dagster's own step logs go to the run history (and the UI), not over the progress view.
 QUIET = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
 
@@ -123,6 +123,18 @@ def _errors(result: dg.ExecuteInProcessResult) -> list[tuple[str, str]]:
     return out
 
 
+def selected_keys(graph: Any, select: str | None) -> set[dg.AssetKey]:
+    """The assets a build materializes: ``select`` (a Dagster selection string), or the main
+    job: the evaluation report, the dialogue files and everything they need."""
+    if select:
+        selection = dg.AssetSelection.from_string(select)
+    else:
+        targets = [dg.AssetKey(t) for t in MAIN_TARGETS if dg.AssetKey(t) in graph.get_all_asset_keys()]
+        selection = dg.AssetSelection.assets(*targets).upstream() if targets else dg.AssetSelection.all()
+    selection = selection.required_multi_asset_neighbors()  # a source's samples and quarantine go together
+    return set(selection.resolve(graph))
+
+
 def run_build(config: Path, profile: str, select: str | None,
               choose: Callable[[list[str]], list[str]], progress: BuildProgress) -> dict[str, Any]:
     """Materialize ``select`` (all assets when None); return a summary of what happened."""
@@ -130,12 +142,7 @@ def run_build(config: Path, profile: str, select: str | None,
 
     defs = definitions_from_file(config, profile)
     graph = defs.resolve_asset_graph()
-    if not select:
-        target = next((t for t in MAIN_TARGETS if dg.AssetKey(t) in graph.get_all_asset_keys()), None)
-        select = f"*{target}" if target else None
-    selection = dg.AssetSelection.from_string(select) if select else dg.AssetSelection.all()
-    selection = selection.required_multi_asset_neighbors()  # a source's samples and quarantine go together
-    selected = set(selection.resolve(graph))
+    selected = selected_keys(graph, select)
     slices = plan(graph, selected, choose)
     assets = list(defs.assets or []) + list(defs.asset_checks or [])
     build = _Build(defs, assets, graph, dg.DagsterInstance.get(), progress)

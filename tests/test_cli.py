@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import dagster as dg
 from typer.testing import CliRunner
 
 from mmat_assets.cli import app
@@ -96,3 +97,16 @@ def test_build_on_a_terminal_shows_a_live_progress_bar_and_fails_readably(tmp_pa
     assert "━" in text and re.search(r"\d+/\d+ rows \d+  failures [1-9]", text)  # the bar, counting failures
     assert not re.search(r"^\[1/\d+\]", text, re.M)  # the per-run lines are for logs, not terminals
     assert "source_samples/qa" in text and "NotADirectoryError" in text and "failed or skipped" in text
+
+
+def test_the_main_job_builds_the_report_and_the_dialogue_files() -> None:
+    from mmat_assets.assets import definitions_from_file
+    from mmat_assets.runner import selected_keys
+
+    graph = definitions_from_file(REPO / "mmat.yaml").resolve_asset_graph()
+    main = selected_keys(graph, None)
+    for key in ("evaluation_report", "dialogue_files", "tuned_model", "foundation_samples", "tools/ocr"):
+        assert dg.AssetKey(key.split("/")) in main, key
+    assert dg.AssetKey(["exports", "sharegpt"]) not in main  # only the export the trainer reads
+    assert selected_keys(graph, "group:foundation") == {k for k in graph.get_all_asset_keys()
+                                                       if graph.get(k).group_name == "foundation"}
