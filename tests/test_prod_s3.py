@@ -70,3 +70,18 @@ def test_prod_profile_materializes_foundation_into_s3(s3_endpoint: str, tmp_path
             assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert total == 12
     assert not (tmp_path / "local").exists()  # nothing went to the local profile's directory
+    # lineage reads the same S3 tables back (the endpoint from the profile's variable)
+    from typer.testing import CliRunner
+
+    from mmat_assets.cli import app
+
+    sample = df.row(0, named=True)
+    res = CliRunner().invoke(app, ["lineage", sample["sample_id"], "--profile", "prod", "--json",
+                                   "--config", str(tmp_path / "mmat.yaml")])
+    assert res.exit_code == 0, res.output
+    trace = json.loads(res.output)
+    assert trace["source"]["source_row_id"] == sample["source_row_id"] and trace["images"][0]["exists"] is True
+    chain = {a["asset"]: a for a in trace["assets"]}
+    recorded = instance.get_latest_data_version_record(dg.AssetKey("foundation_samples"), False, "1")
+    assert chain["foundation_samples"]["data_version"] == recorded.asset_materialization.tags["dagster/data_version"]
+    assert chain["source_samples/tabmwp"]["changed_since"] is False

@@ -82,6 +82,12 @@ class Tables:
     def model(self) -> dict[str, Any] | None:
         return self.json("tuned_model")
 
+    def exists(self, uri: str) -> bool:
+        """Whether a media URI resolves (with this root's storage options, e.g. an endpoint)."""
+        if "://" in uri and not uri.startswith("file://"):
+            return UPath(uri, **self.root.storage_options).exists()
+        return Path(_local(uri)).exists()
+
 
 # --------------------------------------------------------------------------- finding
 
@@ -162,7 +168,7 @@ def lineage(tables: Tables, sample_id: str) -> dict[str, Any]:
         "source": {k: row[k] for k in ("source", "dataset", "subset", "source_row_id", "license")}
         | {"non_commercial": is_non_commercial(row["license"]), "question": row["question"], "answer": row["answer"]},
         "images": [{"sha256": i["sha256"], "path": _local(i["uri"]), "width": i["width"], "height": i["height"],
-                    "exists": UPath(i["uri"]).exists()} for i in row["images"] or []],
+                    "exists": tables.exists(i["uri"])} for i in row["images"] or []],
         "shard": shard,
         "status": row.get("status"), "failure": row.get("failure"), "failure_stage": row.get("failure_stage"),
         "tool_calls": list(row.get("tool_calls") or []),
