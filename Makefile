@@ -5,8 +5,10 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PIP    := $(BIN)/pip install --quiet --constraint requirements/constraints.txt
 HOME_DIR := $(CURDIR)/.mmat/dagster_home
+CHROMIUM := /usr/bin/chromium
+SUDO     := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: install demo test ui benchmarks clean
+.PHONY: install browser demo test ui benchmarks clean
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -18,10 +20,14 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 
 install: $(STAMP)  ## create .venv and install mmat with everything it needs
 
+browser:  ## Debian chromium for the browser test, from apt when missing (Playwright never downloads one)
+	@test -x $(CHROMIUM) || { $(SUDO) apt-get update && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; }
+
 demo: install  ## materialize every asset of the embedded default project (mmat.yaml)
 	DAGSTER_HOME=$${DAGSTER_HOME:-$(HOME_DIR)} $(BIN)/mmat build
 
-test: install  ## run the whole test suite (slow end-to-end tests included)
+test: install browser  ## run the whole test suite (slow end-to-end and browser tests included)
 	$(BIN)/pytest -q
 
 ui: install  ## the Dagster UI on http://127.0.0.1:3000 over the same instance as `make demo`
@@ -30,6 +36,7 @@ ui: install  ## the Dagster UI on http://127.0.0.1:3000 over the same instance a
 
 benchmarks: install  ## performance scripts; each prints its ratio against a same-run baseline
 	$(BIN)/python benchmarks/foundation.py
+	$(BIN)/python benchmarks/data_versions.py
 
 clean:
 	rm -rf .mmat
