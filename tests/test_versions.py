@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import subprocess
 import sys
 from typing import Any
@@ -133,3 +134,14 @@ def test_rebuilding_the_same_content_keeps_the_data_version_so_nothing_turns_sta
     assert v1 == v2 == frame_version(pl.read_parquet(built.cfg.profile_root("local") + "/tables/foundation_samples/0.parquet"))
     statuses = _statuses(built, built.defs)
     assert set(statuses.values()) == {StaleStatus.FRESH}
+
+
+def test_whether_teacher_answers_came_from_the_cache_does_not_change_the_version() -> None:
+    calls = [{"cached": False, "cost_usd": 0.1, "request_hash": "ab"}, {"cached": False, "request_hash": "cd"}]
+    fresh = pl.DataFrame({"provenance": [json.dumps({"teacher_calls": calls}, sort_keys=True)]})
+    resumed = pl.DataFrame({"provenance": [json.dumps({"teacher_calls": [{**c, "cached": True} for c in calls]},
+                                                      sort_keys=True)]})
+    assert frame_version(fresh) == frame_version(resumed)
+    other = pl.DataFrame({"provenance": [json.dumps({"teacher_calls": [{**calls[0], "cost_usd": 0.2}, calls[1]]},
+                                                    sort_keys=True)]})
+    assert frame_version(fresh) != frame_version(other)
