@@ -192,9 +192,14 @@ def _lookup(fn: Any, *args: Any) -> Any:
     try:
         with console.status("reading tables…"):
             return fn(*args)
-    except LineageError as exc:
-        console.print(f"[red]error:[/] {exc}")
+    except (LineageError, OSError) as exc:  # OSError: storage unreachable, a file that cannot be written
+        console.print(f"[red]error:[/] {exc}", markup=True, highlight=False)
         raise typer.Exit(code=1) from None
+
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
 
 
 def _sample_view(query: str, renderer: str, config: Path, profile: str, sample_id: str, as_json: bool) -> None:
@@ -240,8 +245,7 @@ def audit(
     notes: list[str] = []
     data = _lookup(collect, _tables(config, profile), target, notes.append)
     if html is not None:
-        html.parent.mkdir(parents=True, exist_ok=True)
-        html.write_text(audit_render.render_html(data), encoding="utf-8")
+        _lookup(_write, html, audit_render.render_html(data))
     if as_json:
         print(audit_render.render_json(data))
         return

@@ -84,6 +84,16 @@ class Registry:
             known = ", ".join(sorted(self.impls.get(role, {}))) or "none"
             raise KeyError(f"no {role} named {name!r} is registered (known: {known})") from None
 
+    def version(self, role: str, name: str) -> str | None:
+        """``name``'s code version for asset code versions: its class version, and its prompt
+        version where it has one; None when nothing is registered under that name."""
+        try:
+            cls = self.get(role, name).cls
+        except KeyError:
+            return None
+        prompt = getattr(cls, "prompt_version", None)
+        return f"{cls.version}+{prompt}" if prompt else str(cls.version)
+
     def role(self, role: str) -> dict[str, Implementation]:
         """All implementations of one role, by name."""
         return dict(self.impls.get(role, {}))

@@ -44,6 +44,9 @@ quality        float?                           quality-judge score 0-1
 quality_reasons str?                            the judge's reasons
 provenance     str?                             JSON: teacher calls (model, prompt
                                                 version, request hash, tokens, cost), ...
+lineage        str?                             JSON list: each asset partition that wrote
+                                                the row, its code version and the data
+                                                versions it read (not part of data versions)
 ============== ================================ ===========================================
 
 Quarantined rows keep the same columns plus ``stage`` and ``reason`` (see
@@ -106,6 +109,7 @@ STAGE_COLUMNS: dict[str, pl.DataType] = {
     "quality": pl.Float64(),
     "quality_reasons": pl.String(),
     "provenance": pl.String(),
+    "lineage": pl.String(),
 }
 SAMPLE_SCHEMA = pl.Schema({**FOUNDATION_COLUMNS, **STAGE_COLUMNS})
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,10 @@ import polars as pl
 #: answer came from the request cache. A resumed run gives the same rows with other flags,
 #: and must keep the data version (or everything downstream would turn stale for nothing).
 RUN_FLAGS = r'"cached": (?:true|false)(?:, )?'
+
+#: The per-row lineage stamps (records.py): left out of table versions, or one new source
+#: row would change every shard's version through the source version each row records.
+LINEAGE_COLUMN = "lineage"
 
 #: Hex digits kept of a sha256 (64 bits: no collision in any project's lifetime of versions).
 DIGITS = 16
@@ -55,6 +59,8 @@ def frame_version(df: pl.DataFrame) -> str:
     on how their buffers happen to be laid out (a gathered frame and the same frame read
     back from Parquet differ), NDJSON only on the values.
     """
+    if LINEAGE_COLUMN in df.columns:  # where rows came from is not what they hold
+        df = df.drop(LINEAGE_COLUMN)
     sink = _HashSink()
     sink.sha.update(str(df.schema).encode())
     if df.schema.get("provenance") == pl.String:
@@ -63,8 +69,23 @@ def frame_version(df: pl.DataFrame) -> str:
     return sink.sha.hexdigest()[:DIGITS]
 
 
-def doc_version(obj: Any) -> str:
-    """Content hash of a JSON-able document (keys sorted, so order does not matter)."""
+#: Keys that measure a run (how long it took), not what it produced.
+TIMING_KEYS = frozenset({"seconds", "latency_s", "wall_s", "build_s", "embed_s", "tokens_per_s"})
+
+
+def _without(obj: Any, keys: Collection[str]) -> Any:
+    if isinstance(obj, Mapping):
+        return {k: _without(v, keys) for k, v in obj.items() if k not in keys}
+    if isinstance(obj, list | tuple):
+        return [_without(v, keys) for v in obj]
+    return obj
+
+
+def doc_version(obj: Any, ignore: Collection[str] = ()) -> str:
+    """Content hash of a JSON-able document (keys sorted, so order does not matter); keys in
+    ``ignore`` are left out at every depth (e.g. :data:`TIMING_KEYS`)."""
+    if ignore:
+        obj = _without(obj, ignore)
     text = json.dumps(obj, sort_keys=True, ensure_ascii=False, default=str, separators=(",", ":"))
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:DIGITS]
 

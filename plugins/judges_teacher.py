@@ -38,6 +38,7 @@ class TeacherJudge(Judge):
 
     name = "teacher_judge"
     version = "1.0.0"
+    prompt_version = PROMPT_VERSION
     description = "Quality score 0-1 with reasons, written by a model-backed teacher."
     Options = JudgeOptions
 

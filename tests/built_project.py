@@ -2,7 +2,8 @@
 the tools, rationale, reflection, RR/ORR, the ms-swift export and one LoRA step of training
 (real OCR, grounded teacher, the offline student).
 
-Lineage, audit and staleness tests read what it wrote; they never change it.
+Lineage, audit and staleness tests read what it wrote; a test may rebuild an asset only
+where the content comes out the same (that is what it checks).
 """
 
 from __future__ import annotations

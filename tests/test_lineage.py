@@ -60,9 +60,11 @@ def test_lineage_traces_a_sample_back_to_its_source_row_and_forward_to_the_model
     assert chain["source_samples/tabmwp"]["data_version"] == _dagster_version(built, ["source_samples", "tabmwp"])
     assert not any(a["changed_since"] for a in data["assets"])
     fwd = data["forward"]
+    manifest = json.loads((_tables(built) / "exports" / "ms_swift.json").read_text())
+    assert Path(manifest["sample_ids"]).is_absolute()
     assert fwd["exports"] == [{"export": "exports/ms_swift", "data_version": _dagster_version(built, ["exports", "ms_swift"]),
-                               "included": True, "formats": ["orr", "rr"], "path": fwd["exports"][0]["path"]}]
-    assert fwd["models"][0]["trained_on"] is True
+                               "included": True, "formats": ["orr", "rr"], "ids_file": manifest["sample_ids"]}]
+    assert fwd["models"][0]["trained_on"] is True and fwd["models"][0]["data"] == "rr"
 
 
 def test_lineage_text_names_the_source_row_ocr_call_and_teacher_calls(built: Built) -> None:
@@ -107,7 +109,7 @@ def test_audit_of_the_tuned_model(built: Built, tmp_path: Path) -> None:
                                 "license": "CC BY-NC-SA 4.0", "rows": rr.height, "non_commercial": True}]
     calls = [c for p in rr["provenance"] for c in json.loads(p)["teacher_calls"]]
     assert data["totals"]["teacher_calls"] == len(calls)
-    assert data["totals"]["rows"] == sum(manifest["rows"].values())
+    assert data["totals"]["rows"] == manifest["rows"]["rr"] == rr.height  # the model saw its format only
     assert {t["tool"]: t["calls"] for t in data["tools"]} == dict(
         pl.Series([c["tool"] for calls in rr["tool_calls"] for c in calls]).value_counts().iter_rows())
     assert sorted(s["shard"] for s in data["shards"]) == sorted({f"{s}" for s in rr["shard"].to_list()})
@@ -127,3 +129,36 @@ def test_audit_text_of_an_export_flags_non_commercial_rows(built: Built) -> None
     assert manifest["data_version"] in out and "CC BY-NC-SA 4.0" in out and "NON-COMMERCIAL" in out
     code, out = _cli(built, "audit", "exports/nope")
     assert code == 1 and "exports/ms_swift" in out  # says what exists
+
+
+def _stage_table(root: Path, asset: str, shard: str, ids: list[str]) -> None:
+    from mmat_assets import records
+
+    (root / "tables" / asset).mkdir(parents=True, exist_ok=True)
+    rows = [{"sample_id": i, "source": "s", "dataset": "d", "subset": "x", "source_row_id": i, "license": "CC0-1.0",
+             "question": "q", "answer": "a", "shard": int(shard)} for i in ids]
+    records.conform(pl.DataFrame(rows)).write_parquet(root / "tables" / asset / f"{shard}.parquet")
+
+
+def test_a_prefix_shared_across_shards_is_ambiguous_not_the_first_match(tmp_path: Path) -> None:
+    from mmat_assets.engine.lineage import LineageError, find_sample, tables_for
+
+    _stage_table(tmp_path, "foundation_samples", "0", ["abcd1111", "ffff0000"])
+    _stage_table(tmp_path, "foundation_samples", "1", ["abcd2222"])
+    tables = tables_for(str(tmp_path))
+    with pytest.raises(LineageError, match="matches 2 samples"):
+        find_sample(tables, "abcd")
+    assert find_sample(tables, "abcd2")[:2] == ("abcd2222", "1")
+
+
+def test_audit_without_the_rr_tables_is_a_clear_error(tmp_path: Path) -> None:
+    from mmat_assets.engine.lineage import LineageError, audit, tables_for
+
+    _stage_table(tmp_path, "foundation_samples", "0", ["abcd1111"])
+    ids = tmp_path / "sample_ids.parquet"
+    pl.DataFrame({"sample_id": ["abcd1111"], "format": ["rr"], "shard": [0]}).write_parquet(ids)
+    (tmp_path / "tables" / "exports").mkdir(parents=True)
+    (tmp_path / "tables" / "exports" / "ms_swift.json").write_text(json.dumps(
+        {"exporter": "ms_swift", "data_version": "x", "sample_ids": str(ids), "rows": {"rr": 1}}))
+    with pytest.raises(LineageError, match="none of the 1 samples"):
+        audit(tables_for(str(tmp_path)), "exports/ms_swift")

@@ -126,7 +126,16 @@ def test_a_prompt_change_marks_the_rationale_and_everything_after_it_stale(
 def test_rebuilding_the_same_content_keeps_the_data_version_so_nothing_turns_stale(built: Built) -> None:
     key = dg.AssetKey("foundation_samples")
     first = built.instance.get_latest_data_version_record(key, False, "0")
-    materialize(built.defs, built.instance, ["source_samples/tabmwp", "foundation_samples"])
+    before = {k: built.instance.get_latest_data_version_record(k[0], False, k[1]) for k in built.materialized}
+    # again: the source, a shard, a tool (probe timings differ), a rationale shard (now every
+    # teacher answer comes from the request cache) and what reads them
+    materialize(built.defs, built.instance, ["source_samples/tabmwp", "foundation_samples", "tools/ocr",
+                                             "rationales", "reflections"])
+    for k in [(dg.AssetKey(["tools", "ocr"]), None), (dg.AssetKey("rationales"), "0"), (dg.AssetKey("reflections"), "1")]:
+        rec = built.instance.get_latest_data_version_record(k[0], False, k[1])
+        assert rec.storage_id != before[k].storage_id
+        assert rec.asset_materialization.tags["dagster/data_version"] == \
+            before[k].asset_materialization.tags["dagster/data_version"], k
     again = built.instance.get_latest_data_version_record(key, False, "0")
     assert again.storage_id != first.storage_id  # it really ran again
     v1 = first.asset_materialization.tags["dagster/data_version"]

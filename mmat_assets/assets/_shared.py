@@ -35,6 +35,18 @@ class TeacherResource(dg.ConfigurableResource):
         return teacher
 
 
+def recorded_version(context: dg.AssetExecutionContext, key: list[str], partition: str | None,
+                     frame: Any) -> str:
+    """The data version Dagster recorded for an input table this step read, or its content
+    hash if none is recorded (big tables read by many steps are not hashed again each time)."""
+    from mmat_assets.versions import frame_version
+
+    record = context.instance.get_latest_data_version_record(dg.AssetKey(key), False, partition)
+    mat = record.asset_materialization if record else None
+    version = mat.tags.get("dagster/data_version") if mat and mat.tags else None
+    return version or frame_version(frame)
+
+
 def tool_keys(cfg: ProjectConfig, registry: Registry) -> list[dg.AssetKey]:
     """The ``tools/<name>`` assets of every registered or configured tool."""
     tools = set(registry.role("tool")) | {k for k, v in cfg.tools.items() if v.enabled}

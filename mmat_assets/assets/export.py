@@ -14,12 +14,13 @@ from typing import Any
 import dagster as dg
 import polars as pl
 
+from mmat_assets.assets._shared import recorded_version
 from mmat_assets.config import ProjectConfig
 from mmat_assets.engine import export as ex
 from mmat_assets.engine import stages
 from mmat_assets.plugins import Registry
 from mmat_assets.resources import StorageResource
-from mmat_assets.versions import files_version, frame_version
+from mmat_assets.versions import files_version
 
 GROUP = "export"
 
@@ -27,7 +28,7 @@ GROUP = "export"
 def export_dir(storage: StorageResource, name: str) -> Path:
     """Exports are written locally (trainers read local files); S3 roots get a local mirror."""
     root = storage.path("exports", name)
-    return Path(root.path) if root.protocol in ("", "file", "local") else Path(".mmat-exports") / name
+    return Path(root.path) if root.protocol in ("", "file", "local") else Path(".mmat-exports").resolve() / name
 
 
 #: The ids of the exported samples, beside the exporter's files (forward lineage).
@@ -103,8 +104,8 @@ def _exporter_asset(cfg: ProjectConfig, registry: Registry, name: str) -> dg.Ass
         ids_file = write_sample_ids(out / SAMPLE_IDS, records)
         manifest = {"exporter": name, "data_version": version, "files": written, "rows": {k: len(v) for k, v in records.items()},
                     "sample_ids": str(ids_file),
-                    "inputs": {"rr_samples": {k: frame_version(v) for k, v in sorted(rr.items())},
-                               "orr_samples": {k: frame_version(v) for k, v in sorted(orr.items())}},
+                    "inputs": {a: {k: recorded_version(context, [a], k, v) for k, v in sorted(parts.items())}
+                               for a, parts in (("rr_samples", rr), ("orr_samples", orr))},
                     "rejected": len(rejected), "filter": filt.model_dump(), "max_length": cfg.export.max_length,
                     "student": student.get("path"), "licences": ex.licence_counts([r for v in records.values() for r in v])}
         (out / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")

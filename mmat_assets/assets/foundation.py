@@ -11,6 +11,7 @@ import dagster as dg
 import polars as pl
 
 from mmat_assets import checks
+from mmat_assets.assets._shared import recorded_version
 from mmat_assets.config import ProjectConfig, SourceConfig
 from mmat_assets.engine import foundation as engine
 from mmat_assets.engine.images import ImageLimits
@@ -111,7 +112,7 @@ def foundation_asset(cfg: ProjectConfig) -> dg.AssetsDefinition:
         key = context.asset_key
         df = stamp_lineage(df, key.to_user_string(), context.partition_key,
                            context.assets_def.code_versions_by_key.get(key),
-                           {f"source_samples/{name[len('src_'):]}": _input_version(context, name[len("src_"):], src)
+                           {f"source_samples/{name[len('src_'):]}": recorded_version(context, ["source_samples", name[len("src_"):]], None, src)
                             for name, src in sources.items()})
         meta = {
             "dagster/row_count": df.height,
@@ -123,15 +124,6 @@ def foundation_asset(cfg: ProjectConfig) -> dg.AssetsDefinition:
         return dg.Output(df, metadata=meta, data_version=dg.DataVersion(frame_version(df)))
 
     return foundation_samples
-
-
-def _input_version(context: dg.AssetExecutionContext, source: str, frame: pl.DataFrame) -> str:
-    """The data version of a source table this shard read: the one Dagster recorded for it
-    (a source table is large and every shard reads it), or its content hash if none is."""
-    record = context.instance.get_latest_data_version_record(dg.AssetKey(["source_samples", source]))
-    version = record.asset_materialization.tags.get("dagster/data_version") if record and \
-        record.asset_materialization else None
-    return version or frame_version(frame)
 
 
 def _result(outcome: checks.Outcome) -> dg.AssetCheckResult:

@@ -20,7 +20,7 @@ from mmat_assets.config import ComponentConfig, ProjectConfig
 from mmat_assets.engine.tools import configured_retrievers
 from mmat_assets.plugins import Registry
 from mmat_assets.resources import StorageResource
-from mmat_assets.versions import doc_version
+from mmat_assets.versions import TIMING_KEYS, doc_version
 
 PROBE_QUERIES = (
     "Who painted A Sunday Afternoon on the Island of La Grande Jatte?",
@@ -72,11 +72,12 @@ def retriever_report(cfg: ProjectConfig, registry: Registry, name: str,
 
 
 def report_version(report: Mapping[str, Any]) -> str:
-    """The data version of a retriever asset: its version, options, index content and probe
-    answers; timings and whether the index was reused are left out."""
-    build = {k: v for k, v in report["build"].items() if k not in ("wall_s", "build_s", "embed_s", "reused")}
-    probes = [{k: v for k, v in p.items() if k != "latency_s"} for p in report["probes"]]
-    return doc_version({**report, "build": build, "probes": probes})
+    """The data version of a retriever asset: its version, the index it built (fingerprint,
+    rows) and which probes failed; not timings, reuse, or the probes' hits (a web search
+    need not answer the same twice)."""
+    build = {k: v for k, v in report["build"].items() if k != "reused"}
+    probes = [{"query": p["query"], "failed": bool(p["error"])} for p in report["probes"]]
+    return doc_version({**report, "build": build, "probes": probes}, TIMING_KEYS)
 
 
 def _metadata(report: Mapping[str, Any], note: str) -> dict[str, Any]:
@@ -96,18 +97,11 @@ def _metadata(report: Mapping[str, Any], note: str) -> dict[str, Any]:
     }
 
 
-def _code_version(registry: Registry, plugin: str) -> str | None:
-    try:
-        return registry.get("retriever", plugin).cls.version
-    except KeyError:
-        return None
-
-
 def _retriever_asset(cfg: ProjectConfig, registry: Registry, name: str,
                      entry: ComponentConfig) -> dg.AssetsDefinition:
     @dg.asset(
         name=name, key_prefix=["retrievers"], group_name="retrievers",
-        code_version=_code_version(registry, entry.plugin or name),
+        code_version=registry.version("retriever", entry.plugin or name),
         description=f"Retriever {name!r}: its search index and probe queries.",
         kinds={"lancedb"} if (entry.plugin or name) == "lancedb" else {"python"},
     )

@@ -34,13 +34,12 @@ def code_versions(cfg: ProjectConfig, registry: Registry) -> dict[str, str]:
     versions are chained on by the definitions (mmat_assets.versions)."""
     entry = cfg.teachers.get(cfg.stages.teacher)
     plugin = entry.plugin if entry and entry.plugin else cfg.stages.teacher
-    try:
-        teacher = f"{plugin}-{registry.get('teacher', plugin).cls.version}"
-    except KeyError:  # reported when the stage runs; the graph still loads
-        teacher = plugin
+    teacher = f"{plugin}-{registry.version('teacher', plugin)}"  # unregistered: reported when it runs
     out = dict(OWN_VERSIONS)
     out["rationales"] += f"+{protocol.PROMPT_VERSION}+{teacher}"
     out["reflections"] += f"+{reflection.JUDGE_VERSION}+{teacher}"
+    if cfg.stages.judge:  # the quality judge scores in the reflection stage
+        out["reflections"] += f"+{cfg.stages.judge}-{registry.version('judge', cfg.stages.judge)}"
     return out
 
 

@@ -63,13 +63,6 @@ def _entries(cfg: ProjectConfig, registry: Registry) -> dict[str, ComponentConfi
     return {n: e for n, e in entries.items() if e.enabled}
 
 
-def _code_version(registry: Registry, plugin: str) -> str | None:
-    try:
-        return registry.get("tool", plugin).cls.version
-    except KeyError:
-        return None
-
-
 def tool_report(cfg: ProjectConfig, registry: Registry, name: str,
                 teachers: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Everything the asset records about one tool (pure: no Dagster)."""
@@ -92,8 +85,10 @@ def _options(tool: Any, entry: ComponentConfig) -> dict[str, Any]:
 
 
 def report_version(report: Mapping[str, Any]) -> str:
-    """The data version of a tool asset: what the tool is and what its probes said (not how fast)."""
-    probes = [{k: v for k, v in p.items() if k != "latency_s"} for p in report["probes"]]
+    """The data version of a tool asset: what the tool is (version, options), whether it runs
+    here, and which probes failed. Not the probe texts: a caption from a remote teacher need
+    not repeat word for word, and a rebuild must not turn every rationale stale for that."""
+    probes = [{"image": p["image"], "failed": bool(p["error"])} for p in report["probes"]]
     return doc_version({**report, "probes": probes})
 
 
@@ -115,7 +110,7 @@ def _tool_asset(cfg: ProjectConfig, registry: Registry, name: str, entry: Compon
                 teachers: Mapping[str, Any] | None) -> dg.AssetsDefinition:
     @dg.asset(
         name=name, key_prefix=["tools"], group_name="tools",
-        code_version=_code_version(registry, entry.plugin or name),
+        code_version=registry.version("tool", entry.plugin or name),
         description=f"Tool {name!r}: availability on this deployment and a probe run.",
         kinds={"python"},
     )

@@ -22,7 +22,7 @@ from mmat_assets.plugins import Registry
 from mmat_assets.assets._shared import tool_keys
 from mmat_assets.assets.export import SAMPLE_IDS
 from mmat_assets.resources import StorageResource
-from mmat_assets.versions import doc_version, tree_version
+from mmat_assets.versions import TIMING_KEYS, doc_version, tree_version
 
 TRAIN_GROUP, EVAL_GROUP = "training", "evaluation"
 MODELS = ("base", "tuned")
@@ -30,7 +30,7 @@ MODELS = ("base", "tuned")
 
 def _local(storage: StorageResource, *parts: str) -> Path:
     p = storage.path(*parts)
-    return Path(p.path) if p.protocol in ("", "file", "local") else Path(".mmat-local", *parts)
+    return Path(p.path) if p.protocol in ("", "file", "local") else Path(".mmat-local", *parts).resolve()
 
 
 def student_asset(cfg: ProjectConfig) -> dg.AssetsDefinition:
@@ -52,12 +52,12 @@ def student_asset(cfg: ProjectConfig) -> dg.AssetsDefinition:
     return student_base
 
 
-def tuned_asset(cfg: ProjectConfig) -> dg.AssetsDefinition:
+def tuned_asset(cfg: ProjectConfig, registry: Registry) -> dg.AssetsDefinition:
     t = cfg.training
     export_key = ["exports", t.exporter]
 
     @dg.asset(group_name=TRAIN_GROUP, io_manager_key="json_io_manager", kinds={"pytorch"},
-              code_version=f"{__version__}+{t.trainer}",
+              code_version=f"{__version__}+{t.trainer}-{registry.version('trainer', t.trainer)}",
               ins={"export": dg.AssetIn(export_key), "student": dg.AssetIn("student_base")})
     def tuned_model(context: dg.AssetExecutionContext, storage: StorageResource, export: dict[str, Any],
                     student: dict[str, Any]) -> dg.Output[dict[str, Any]]:
@@ -81,7 +81,8 @@ def tuned_asset(cfg: ProjectConfig) -> dg.AssetsDefinition:
             ids.write_bytes(Path(export["sample_ids"]).read_bytes())
             meta["sample_ids"] = str(ids)
         (out_dir / "mmat_lineage.json").write_text(json.dumps(meta, indent=2, default=str), encoding="utf-8")
-        return dg.Output(meta, data_version=dg.DataVersion(tree_version(out_dir)),
+        weights = Path(meta["checkpoint"])  # the trained weights alone: the rest records timings
+        return dg.Output(meta, data_version=dg.DataVersion(tree_version(weights if weights.is_dir() else out_dir)),
                          metadata={**(reported.metadata or {}), "export_data_version": export["data_version"],
                                    "checkpoint": dg.MetadataValue.path(str(meta["checkpoint"])),
                                    "training_config": dg.MetadataValue.json(options)})
@@ -128,7 +129,8 @@ def eval_asset(cfg: ProjectConfig, registry: Registry, model: str, bench: str, m
         deps.append(dg.AssetKey(["exports", cfg.training.exporter]))
 
     @dg.asset(key=["evaluations", model, bench, mode], group_name=EVAL_GROUP, io_manager_key="json_io_manager",
-              ins=ins, deps=deps, code_version="1", kinds={"pytorch"},
+              ins=ins, deps=deps, code_version=f"1+{entry.plugin or bench}-{registry.version('benchmark', entry.plugin or bench)}",
+              kinds={"pytorch"},
               description=f"The {model} student on {bench!r} in {mode} mode (tools in the loop for orr/rr).")
     def _asset(context: dg.AssetExecutionContext, storage: StorageResource, **inputs: Any) -> dg.Output[dict[str, Any]]:
         e = cfg.evaluation
@@ -145,7 +147,7 @@ def eval_asset(cfg: ProjectConfig, registry: Registry, model: str, bench: str, m
                               lambda n: context.log.info(f"{model}/{bench}/{mode}: {n}/{len(items)}") if n % 5 == 0 else None)
         summary = {"model": model, "benchmark": bench, "mode": mode, **ev.summary(results)}
         out = {**summary, "results": [r.__dict__ for r in results]}
-        return dg.Output(out, data_version=dg.DataVersion(doc_version(out)), metadata={
+        return dg.Output(out, data_version=dg.DataVersion(doc_version(out, TIMING_KEYS)), metadata={
             "score": summary["score"], "items": summary["items"], "latency_s": summary["latency_s"],
             "mean_steps": summary["mean_steps"]})
 
@@ -176,7 +178,7 @@ def report_asset(cfg: ProjectConfig, keys: list[list[str]]) -> dg.AssetsDefiniti
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(header + table + "\n", encoding="utf-8")
         out = {"rows": rows, "path": str(path), "export_data_version": tuned["export_data_version"]}
-        return dg.Output(out, data_version=dg.DataVersion(doc_version(out)), metadata={
+        return dg.Output(out, data_version=dg.DataVersion(doc_version(out, TIMING_KEYS)), metadata={
             "report": dg.MetadataValue.md(header + table), "path": dg.MetadataValue.path(str(path)),
             "mmat/summary": f"{header}{table}\n({path})"})
 
@@ -186,7 +188,7 @@ def report_asset(cfg: ProjectConfig, keys: list[list[str]]) -> dg.AssetsDefiniti
 def build(cfg: ProjectConfig, registry: Registry) -> list[dg.AssetsDefinition]:
     if not cfg.sources:
         return []
-    assets = [student_asset(cfg), tuned_asset(cfg)]
+    assets = [student_asset(cfg), tuned_asset(cfg, registry)]
     keys = []
     for bench in cfg.evaluation.benchmarks:
         for model in MODELS:

@@ -3,7 +3,7 @@
 Every stage row carries what produced it: source dataset, subset, row id and licence,
 image hashes, each tool call (tool, version, arguments, cache key, result) and each
 teacher call (model, prompt version, request hash, tokens, cost) in ``tool_calls`` and
-``provenance``, the reflection checks in ``checks``, and in ``provenance.assets`` the asset
+``provenance``, the reflection checks in ``checks``, and in ``lineage`` the asset
 partitions that wrote it with their code versions and the data versions of what they read.
 Exports list their sample ids (``sample_ids.parquet``) and tuned models keep a copy, so a
 sample's lineage runs backward to its source row and forward to every export and model
@@ -43,16 +43,18 @@ class Tables:
 
     root: UPath
     _cache: dict[tuple[str, str], pl.DataFrame] = field(default_factory=dict)
+    _listed: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def tables(self) -> UPath:
         return self.root / "tables"
 
     def shards(self, asset: str) -> list[str]:
-        d = self.tables / asset
-        if not d.exists():
-            return []
-        return sorted(p.name[: -len(".parquet")] for p in d.iterdir() if p.name.endswith(".parquet"))
+        if asset not in self._listed:  # one listing per table (an S3 LIST each)
+            d = self.tables / asset
+            self._listed[asset] = sorted(p.name[: -len(".parquet")] for p in d.iterdir()
+                                         if p.name.endswith(".parquet")) if d.exists() else []
+        return self._listed[asset]
 
     def shard(self, asset: str, shard: str) -> pl.DataFrame:
         key = (asset, shard)
@@ -61,8 +63,22 @@ class Tables:
                 self._cache[key] = pl.read_parquet(f)
         return self._cache[key]
 
-    def all(self, asset: str) -> pl.DataFrame:
-        frames = [self.shard(asset, s) for s in self.shards(asset)]
+    def ids(self, asset: str, shard: str) -> pl.DataFrame:
+        """Only the ``sample_id`` column of one shard (cheap to scan every shard)."""
+        if (asset, shard) in self._cache:
+            return self._cache[(asset, shard)].select("sample_id")
+        with (self.tables / asset / f"{shard}.parquet").open("rb") as f:
+            return pl.read_parquet(f, columns=["sample_id"])
+
+    def all(self, asset: str, columns: list[str] | None = None) -> pl.DataFrame:
+        """Every shard of ``asset`` as one table (only ``columns`` when given)."""
+        frames = []
+        for shard in self.shards(asset):
+            if columns is None:
+                frames.append(self.shard(asset, shard))
+            else:
+                with (self.tables / asset / f"{shard}.parquet").open("rb") as f:
+                    frames.append(pl.read_parquet(f, columns=columns))
         return pl.concat(frames, how="vertical_relaxed") if frames else pl.DataFrame()
 
     def json(self, *key: str) -> dict[str, Any] | None:
@@ -93,25 +109,35 @@ class Tables:
 
 
 def find_sample(tables: Tables, sample_id: str) -> tuple[str, str, dict[str, pl.DataFrame]]:
-    """``(full id, shard, {stage table: that sample's rows})`` for an id or a unique prefix."""
+    """``(full id, shard, {stage table: that sample's rows})`` for an id or a unique prefix.
+
+    The prefix must be unique across every shard; only the ``sample_id`` column is read
+    to find it, then the one shard that holds it.
+    """
     sample_id = sample_id.strip()
     if len(sample_id) < 4:
         raise LineageError("give at least 4 characters of a sample id")
     for asset in ("foundation_samples", "rationales", "reflections", "rr_samples"):
-        for shard in tables.shards(asset):
-            df = tables.shard(asset, shard)
-            hits = df.filter(pl.col("sample_id").str.starts_with(sample_id))["sample_id"].unique().to_list()
-            if len(hits) > 1:
-                raise LineageError(f"{sample_id!r} matches {len(hits)} samples: {', '.join(sorted(hits)[:10])}")
-            if hits:
-                full = hits[0]
-                rows = {}
-                for stage in STAGE_TABLES:
-                    if shard in tables.shards(stage):
-                        part = tables.shard(stage, shard).filter(pl.col("sample_id") == full)
-                        if part.height:
-                            rows[stage] = part
-                return full, shard, rows
+        shards = tables.shards(asset)
+        if not shards:
+            continue
+        hits: dict[str, str] = {}
+        for shard in shards:
+            for full in tables.ids(asset, shard).filter(pl.col("sample_id").str.starts_with(sample_id))["sample_id"]:
+                hits.setdefault(full, shard)
+        if len(hits) > 1:
+            shown = ", ".join(sorted(hits)[:10]) + (" …" if len(hits) > 10 else "")
+            raise LineageError(f"{sample_id!r} matches {len(hits)} samples ({shown}); give more of the id")
+        if hits:
+            (full, shard), = hits.items()
+            rows = {}
+            for stage in STAGE_TABLES:
+                if shard in tables.shards(stage):
+                    part = tables.shard(stage, shard).filter(pl.col("sample_id") == full)
+                    if part.height:
+                        rows[stage] = part
+            return full, shard, rows
+        break  # the earliest stage built holds every sample that any later one does
     built = [a for a in STAGE_TABLES if tables.shards(a)]
     where = f"tables under {tables.tables}" + (f" (built: {', '.join(built)})" if built else " (nothing built yet)")
     raise LineageError(f"no sample {sample_id!r} in the {where}")
@@ -127,6 +153,11 @@ def _latest(rows: Mapping[str, pl.DataFrame]) -> dict[str, Any]:
 
 def _prov(row: Mapping[str, Any]) -> dict[str, Any]:
     return json.loads(row.get("provenance") or "{}")
+
+
+def _stamps(row: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The asset partitions that wrote the row (records.py ``lineage``), oldest first."""
+    return json.loads(row.get("lineage") or "[]")
 
 
 # --------------------------------------------------------------------------- show
@@ -175,20 +206,21 @@ def lineage(tables: Tables, sample_id: str) -> dict[str, Any]:
         "teacher_calls": prov.get("teacher_calls", []),
         "reflection": {"checks": list(row.get("checks") or []), "reflected": row.get("reflected"),
                        "findings": prov.get("findings", [])},
-        "assets": _asset_chain(tables, shard, rows, prov),
+        "assets": _asset_chain(tables, shard, rows, _stamps(row)),
         "forward": _forward(tables, full),
     }
 
 
-def _asset_chain(tables: Tables, shard: str, rows: Mapping[str, pl.DataFrame], prov: dict[str, Any]) -> list[dict[str, Any]]:
+def _asset_chain(tables: Tables, shard: str, rows: Mapping[str, pl.DataFrame],
+                 stamps: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Asset partitions that touched the sample: recorded versions, and the current ones."""
     recorded: dict[str, str] = {}
     code: dict[str, str | None] = {}
-    for entry in prov.get("assets", []):
+    for entry in stamps:
         code[entry["asset"]] = entry.get("code_version")
         recorded.update(entry.get("inputs", {}))
     if "orr_samples" in rows:
-        for entry in _prov(rows["orr_samples"].row(0, named=True)).get("assets", []):
+        for entry in _stamps(rows["orr_samples"].row(0, named=True)):
             code.setdefault(entry["asset"], entry.get("code_version"))
     chain = []
     for asset in sorted(a for a in recorded if a.startswith("source_samples/")):
@@ -210,19 +242,24 @@ def _asset_chain(tables: Tables, shard: str, rows: Mapping[str, pl.DataFrame], p
 
 
 def _forward(tables: Tables, sample_id: str) -> dict[str, Any]:
+    """Exports and models holding the sample; ``included`` is None when their id list is
+    missing (an export from before ids were kept, or built on another machine)."""
     exports, models = [], []
     for name, manifest in tables.exports().items():
         ids = _ids(manifest.get("sample_ids"))
-        formats = sorted(ids.get(sample_id, ()))
+        formats = sorted(ids.get(sample_id, ())) if ids is not None else []
         exports.append({"export": f"exports/{name}", "data_version": manifest.get("data_version"),
-                        "included": bool(formats), "formats": formats, "path": _parent(manifest.get("sample_ids"))})
+                        "included": bool(formats) if ids is not None else None, "formats": formats,
+                        "ids_file": manifest.get("sample_ids")})
     model = tables.model()
     if model:
         ids = _ids(_model_ids(model))
+        known = ids is not None
         models.append({"model": "tuned_model", "checkpoint": model["checkpoint"], "export": model.get("export"),
                        "export_data_version": model.get("export_data_version"), "data": model.get("data"),
-                       "included": sample_id in ids,
-                       "trained_on": model.get("data") in ids.get(sample_id, set())})
+                       "included": sample_id in ids if known else None,
+                       "trained_on": model.get("data") in ids.get(sample_id, set()) if known else None,
+                       "ids_file": _model_ids(model)})
     return {"exports": exports, "models": models}
 
 
@@ -235,10 +272,10 @@ def _parent(path: str | None) -> str | None:
     return str(Path(path).parent) if path else None
 
 
-def _ids(path: str | None) -> dict[str, set[str]]:
-    """``{sample_id: {formats}}`` of a sample-ids file; empty when there is none."""
+def _ids(path: str | None) -> dict[str, set[str]] | None:
+    """``{sample_id: {formats}}`` of a sample-ids file; None when there is none (unknown)."""
     if not path or not Path(path).is_file():
-        return {}
+        return None
     out: dict[str, set[str]] = defaultdict(set)
     for sid, fmt in pl.read_parquet(path, columns=["sample_id", "format"]).iter_rows():
         out[sid].add(fmt)
@@ -282,19 +319,28 @@ def audit(tables: Tables, target: str, progress: Progress | None = None) -> dict
     ids = _ids(ids_path)
     if not ids:
         raise LineageError(f"no sample ids for {target!r} (looked in {ids_path}); rebuild the export")
-    if model and model.get("export_data_version") != manifest.get("data_version"):
-        say(f"note: the export was rebuilt since the model trained (model: {model.get('export_data_version')}, "
-            f"export now: {manifest.get('data_version')}); using the ids the model kept")
+    export_version = manifest.get("data_version")
+    if model:  # what the model saw: its format of the export, at the version it trained on
+        ids = {sid: {model.get("data")} for sid, formats in ids.items() if model.get("data") in formats}
+        if model.get("export_data_version") != export_version:
+            say(f"note: the export was rebuilt since the model trained (model: {model.get('export_data_version')}, "
+                f"export now: {export_version}); using the ids the model kept")
+        export_version = model.get("export_data_version")
     say("reading stage tables")
-    by_stage = {a: tables.all(a) for a in STAGE_TABLES}
+    by_stage = {"foundation_samples": tables.all("foundation_samples", ["sample_id"]),
+                "reflections": tables.all("reflections", ["sample_id", "status", "failure", "failure_stage"]),
+                "rr_samples": tables.all("rr_samples"), "orr_samples": tables.all("orr_samples")}
     say("computing the audit")
     wanted = pl.Series("sample_id", sorted(ids))
     samples = _one_per_sample(by_stage, wanted)
+    if not samples.height:
+        raise LineageError(f"none of the {len(ids)} samples of {target!r} are in the RR/ORR tables under "
+                           f"{tables.tables} (rebuilt or removed since?)")
     name = str(manifest.get("exporter", ""))
     out = {
         "target": {"kind": kind, "name": "tuned_model" if model else f"exports/{name}",
                    "path": model["checkpoint"] if model else _parent(manifest.get("sample_ids")) or ""},
-        "export": {"name": name, "asset": f"exports/{name}", "data_version": manifest.get("data_version"),
+        "export": {"name": name, "asset": f"exports/{name}", "data_version": export_version,
                    "rows": manifest.get("rows", {}), "rejected": manifest.get("rejected", 0),
                    "path": _parent(manifest.get("sample_ids")) or ""},
         "model": _model_section(model) if model else None,
@@ -337,7 +383,7 @@ def _shards(tables: Tables, samples: pl.DataFrame, ids: Mapping[str, set[str]]) 
         shard = f"{shard_int:0{width}d}"
         versions: dict[str, str] = {}
         for row in samples.filter(pl.col("shard") == shard_int).head(1).iter_rows(named=True):
-            for entry in _prov(row).get("assets", []):
+            for entry in _stamps(row):
                 versions.update(entry.get("inputs", {}))
         for asset in ("rr_samples", "orr_samples"):
             if shard in tables.shards(asset):

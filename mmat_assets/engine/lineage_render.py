@@ -113,11 +113,13 @@ def render_lineage(data: Mapping[str, Any], console: Console) -> None:
         assets.add(line)
     fwd = root.add(Text("forward", style="bold"))
     for e in data["forward"]["exports"]:
-        mark = f"holds it ({', '.join(e['formats'])})" if e["included"] else "does not hold it"
+        mark = f"unknown (no id list at {e['ids_file']})" if e["included"] is None else \
+            f"holds it ({', '.join(e['formats'])})" if e["included"] else "does not hold it"
         fwd.add(Text(f"{e['export']} (data version {e['data_version']}): {mark}"))
     for m in data["forward"]["models"]:
-        mark = "trained on it" if m["trained_on"] else ("holds it, not in its training format" if m["included"]
-                                                         else "not trained on it")
+        mark = f"unknown (no id list at {m['ids_file']})" if m["trained_on"] is None else \
+            "trained on it" if m["trained_on"] else \
+            "its export holds it, not in the format it trained on" if m["included"] else "not trained on it"
         fwd.add(Text(f"{m['model']} {m['checkpoint']} (from {m['export']} {m['export_data_version']}, "
                      f"{m['data']}): {mark}"))
     if not data["forward"]["exports"] and not data["forward"]["models"]:

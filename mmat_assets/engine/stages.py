@@ -80,14 +80,16 @@ def _provenance(old: str | None, **extra: Any) -> str:
 
 def stamp_lineage(df: pl.DataFrame, asset: str, partition: str, code_version: str | None,
                   inputs: Mapping[str, str]) -> pl.DataFrame:
-    """Append to every row's provenance ``assets`` the asset partition that wrote it, its code
-    version and the data versions of the tables it read, so a row carries its own lineage
-    (``mmat lineage``) and no event log is needed to trace it."""
+    """Append to every row's ``lineage`` the asset partition that wrote it, its code version
+    and the data versions of the tables it read, so a row carries its own lineage
+    (``mmat lineage``) and no event log is needed to trace it. The column is not part of
+    any data version: where a row came from is not what it holds."""
     if df.is_empty():
         return df
-    entry = [{"asset": asset, "partition": partition, "code_version": code_version, "inputs": dict(inputs)}]
-    prov = [_provenance(p, assets=entry) for p in df["provenance"]]
-    return df.with_columns(provenance=pl.Series(prov, dtype=pl.String))
+    entry = {"asset": asset, "partition": partition, "code_version": code_version, "inputs": dict(inputs)}
+    old = df["lineage"] if "lineage" in df.columns else pl.Series([None] * df.height, dtype=pl.String)
+    stamped = [json.dumps([*(json.loads(x) if x else []), entry], sort_keys=True) for x in old]
+    return df.with_columns(lineage=pl.Series(stamped, dtype=pl.String))
 
 
 # ------------------------------------------------------------------------ rationale
@@ -105,6 +107,7 @@ def run_rationales(df: pl.DataFrame, env: Environment,
 def _rationale_row(row: dict[str, Any], o: Outcome) -> dict[str, Any]:
     tool_errors = sum(1 for c in o.tool_calls if c.get("error"))
     out = {k: row[k] for k in records.FOUNDATION_COLUMNS}
+    out["lineage"] = row.get("lineage")
     out.update(
         status="failed" if o.failure else "ok",
         failure=o.failure, failure_stage="rationale" if o.failure else None, failure_detail=o.detail or None,
