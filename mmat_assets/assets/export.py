@@ -38,7 +38,8 @@ SAMPLE_IDS = "sample_ids.parquet"
 def write_sample_ids(path: Path, records: dict[str, list[ex.Record]]) -> Path:
     """``sample_id, format, shard`` of every exported record: which samples an export holds."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    rows = [{"sample_id": r.id, "format": fmt, "shard": r.meta.get("shard")} for fmt, recs in records.items() for r in recs]
+    rows = [{"sample_id": r.id, "format": fmt, "shard": r.meta.get("shard")}
+            for fmt, recs in records.items() for r in recs]
     pl.DataFrame(rows, schema={"sample_id": pl.String, "format": pl.String, "shard": pl.Int32}).write_parquet(path)
     return path
 

@@ -110,10 +110,11 @@ def foundation_asset(cfg: ProjectConfig) -> dg.AssetsDefinition:
         shard = int(context.partition_key)
         df = engine.foundation_shard(sources.values(), shard)
         key = context.asset_key
+        read = {name[len("src_"):]: src for name, src in sources.items()}
         df = stamp_lineage(df, key.to_user_string(), context.partition_key,
                            context.assets_def.code_versions_by_key.get(key),
-                           {f"source_samples/{name[len('src_'):]}": recorded_version(context, ["source_samples", name[len("src_"):]], None, src)
-                            for name, src in sources.items()})
+                           {f"source_samples/{n}": recorded_version(context, ["source_samples", n], None, src)
+                            for n, src in read.items()})
         meta = {
             "dagster/row_count": df.height,
             "shard": shard,

@@ -189,7 +189,8 @@ def integration_assets(cfg: ProjectConfig) -> list[dg.AssetsDefinition]:
         summary = (f"RR: {paths['rr']}\nORR: {paths['orr']}\nfunnel: "
                    + " -> ".join(f"{k} {v}" for k, v in funnel.items()))
         context.log.info(summary)
-        return dg.MaterializeResult(data_version=dg.DataVersion(doc_version({"rr": frame_version(all_rr), "orr": frame_version(all_orr)})), metadata={
+        version = doc_version({"rr": frame_version(all_rr), "orr": frame_version(all_orr)})
+        return dg.MaterializeResult(data_version=dg.DataVersion(version), metadata={
             "rr_path": dg.MetadataValue.path(paths["rr"]), "orr_path": dg.MetadataValue.path(paths["orr"]),
             "funnel": _md_counts(funnel, "stage", "Yield funnel"),
             "funnel_chart": dg.MetadataValue.md(charts.markdown_chart(charts.funnel_svg(funnel), "Yield funnel")),

@@ -15,12 +15,12 @@ from typing import Any
 import dagster as dg
 
 from mmat_assets import __version__
+from mmat_assets.assets._shared import tool_keys
+from mmat_assets.assets.export import SAMPLE_IDS
 from mmat_assets.config import ProjectConfig
 from mmat_assets.engine import evaluate as ev
 from mmat_assets.engine.tools import available_tools
 from mmat_assets.plugins import Registry
-from mmat_assets.assets._shared import tool_keys
-from mmat_assets.assets.export import SAMPLE_IDS
 from mmat_assets.resources import StorageResource
 from mmat_assets.versions import TIMING_KEYS, doc_version, tree_version
 
@@ -124,17 +124,17 @@ def eval_asset(cfg: ProjectConfig, registry: Registry, model: str, bench: str, m
     ins = {"student": dg.AssetIn("student_base")}
     if model == "tuned":
         ins["tuned"] = dg.AssetIn("tuned_model")
+    plugin = entry.plugin or bench
     deps = tool_keys(cfg, registry) if mode != "baseline" else []  # the tools run in the loop
     if cfg.evaluation.exclude_training_rows:  # items the export trained on are left out
         deps.append(dg.AssetKey(["exports", cfg.training.exporter]))
 
     @dg.asset(key=["evaluations", model, bench, mode], group_name=EVAL_GROUP, io_manager_key="json_io_manager",
-              ins=ins, deps=deps, code_version=f"1+{entry.plugin or bench}-{registry.version('benchmark', entry.plugin or bench)}",
-              kinds={"pytorch"},
+              ins=ins, deps=deps, code_version=f"1+{plugin}-{registry.version('benchmark', plugin)}", kinds={"pytorch"},
               description=f"The {model} student on {bench!r} in {mode} mode (tools in the loop for orr/rr).")
     def _asset(context: dg.AssetExecutionContext, storage: StorageResource, **inputs: Any) -> dg.Output[dict[str, Any]]:
         e = cfg.evaluation
-        benchmark = registry.create("benchmark", entry.plugin or bench, entry.options)
+        benchmark = registry.create("benchmark", plugin, entry.options)
         benchmark.base_dir = cfg.base_dir
         items = list(benchmark.items())
         if e.exclude_training_rows:
