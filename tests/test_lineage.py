@@ -116,7 +116,8 @@ def test_audit_of_the_tuned_model(built: Built, tmp_path: Path) -> None:
     for shard in data["shards"]:
         assert shard["data_versions"]["rr_samples"] == frame_version(
             pl.read_parquet(_tables(built) / "rr_samples" / f"{shard['shard']}.parquet"))
-    assert data["funnel"]["in"] == len(built.problems)
+    assert data["funnel"]["in"] == len(built.problems) and data["funnel"]["trained on (rr)"] == rr.height
+    assert not any(k.startswith("exported") for k in data["funnel"])
     page = html.read_text()
     assert manifest["data_version"] in page and "CC BY-NC-SA 4.0" in page and page.count("<svg") == 3
     assert "http://" not in page and "https://" not in page
@@ -127,6 +128,7 @@ def test_audit_text_of_an_export_flags_non_commercial_rows(built: Built) -> None
     assert code == 0, out
     manifest = json.loads((_tables(built) / "exports" / "ms_swift.json").read_text())
     assert manifest["data_version"] in out and "CC BY-NC-SA 4.0" in out and "NON-COMMERCIAL" in out
+    assert "exported rr" in out and "exported orr" in out
     code, out = _cli(built, "audit", "exports/nope")
     assert code == 1 and "exports/ms_swift" in out  # says what exists
 

@@ -348,7 +348,7 @@ def audit(tables: Tables, target: str, progress: Progress | None = None) -> dict
         "sources": _sources(samples),
         **_calls(samples),
         "rates": _rates(samples, by_stage["reflections"]),
-        "funnel": _funnel(by_stage, ids),
+        "funnel": _funnel(by_stage, ids, model.get("data") if model else None),
         "failures": stages.failures(by_stage["reflections"]) if by_stage["reflections"].height else {},
         "steps_per_sample": {str(k): v for k, v in sorted(Counter(samples["steps"].fill_null(0).to_list()).items())},
         "tool_calls_per_tool": _tool_calls_per_tool(samples),
@@ -441,12 +441,15 @@ def _rates(samples: pl.DataFrame, reflections: pl.DataFrame) -> dict[str, float]
             "failure_rate": round(failed / reflections.height, 4) if reflections.height else 0.0}
 
 
-def _funnel(by_stage: Mapping[str, pl.DataFrame], ids: Mapping[str, set[str]]) -> dict[str, int]:
+def _funnel(by_stage: Mapping[str, pl.DataFrame], ids: Mapping[str, set[str]],
+            trained: str | None) -> dict[str, int]:
+    """Rows at each stage, then what the export holds (or, for a model, what it trained on)."""
     f = by_stage["foundation_samples"]
     counts = stages.funnel(f, by_stage["reflections"], by_stage["rr_samples"], by_stage["orr_samples"]) \
         if by_stage["reflections"].height else {"in": f.height}
-    for fmt in ("rr", "orr"):
-        counts[f"exported {fmt}"] = sum(1 for formats in ids.values() if fmt in formats)
+    for fmt in (trained,) if trained else ("rr", "orr"):
+        counts[f"trained on ({fmt})" if trained else f"exported {fmt}"] = \
+            sum(1 for formats in ids.values() if fmt in formats)
     return counts
 
 
