@@ -1,9 +1,9 @@
 """Data versions and code versions: what makes staleness in the Dagster UI true.
 
 **Data versions are content hashes**, computed with :mod:`hashlib` (Python's ``hash()``
-differs between processes): a table's version is the sha256 of its schema and its rows as NDJSON, a
-JSON document's the sha256 of its canonical JSON, a folder of files the sha256 of names and
-bytes. Re-materializing an asset that produces the same content keeps its version, so
+differs between processes): a table's version is the sha256 of its schema and its rows as
+NDJSON, a JSON document's the sha256 of its canonical JSON, a folder of files the sha256 of
+names and bytes. Re-materializing an asset that produces the same content keeps its version, so
 nothing downstream turns stale for nothing.
 
 **Code versions chain.** Each asset declares its own code version (its logic, the plugin
@@ -159,7 +159,3 @@ def descendants(assets: Sequence[Any], roots: Iterable[Any]) -> set[Any]:
             todo.extend(children.get(k, ()))
     return out
 
-
-def versions_summary(versions: Mapping[str, str]) -> str:
-    """``asset=version`` pairs on one line (for logs and metadata)."""
-    return ", ".join(f"{k}={v}" for k, v in sorted(versions.items()))

@@ -106,23 +106,27 @@ def _bar(x: float, y: float, w: float, h: float, tip: str, extra: str = "") -> s
     )
 
 
-def _horizontal(counts: Mapping[str, float], title: str, width: int) -> str:
+def _horizontal(counts: Mapping[str, float], title: str, width: int, *, shown: list[str] | None = None,
+                funnel: bool = False) -> str:
+    """One bar per key, left-aligned with its value after it, or (``funnel``) centred and
+    fading, with the value in a column at the right."""
     labels = [str(k) for k in counts]
-    values = [fmt_number(v) for v in counts.values()]
+    values = shown if shown is not None else [fmt_number(v) for v in counts.values()]
     label_w, value_w = _columns(labels, values, width)
     x0 = PAD + label_w
     plot_w = max(width - x0 - value_w - PAD, 40)
     top = max(_value(v) for v in counts.values())
     body = []
-    for i, (label, v, shown) in enumerate(zip(labels, counts.values(), values, strict=True)):
+    for i, (label, v, text) in enumerate(zip(labels, counts.values(), values, strict=True)):
         y = TITLE_H + i * ROW_H
         w = plot_w * _value(v) / top if top else 0.0
         short = _clip(label, int((label_w - PAD) / CHAR_W))
-        body += [
-            _text(x0 - 6, y + BAR_H - 4, short, INK, "end"),
-            _bar(x0, y, w, BAR_H, f"{label}: {shown}"),
-            _text(x0 + w + 4, y + BAR_H - 4, shown, MUTED),
-        ]
+        if funnel:
+            fade = f' fill-opacity="{1 - 0.45 * i / max(len(labels) - 1, 1):.2f}"'
+            bar, value_x = _bar(x0 + (plot_w - w) / 2, y, w, BAR_H, f"{label}: {text}", fade), x0 + plot_w + 6
+        else:
+            bar, value_x = _bar(x0, y, w, BAR_H, f"{label}: {text}"), x0 + w + 4
+        body += [_text(x0 - 6, y + BAR_H - 4, short, INK, "end"), bar, _text(value_x, y + BAR_H - 4, text, MUTED)]
     total_w = max(width, x0 + plot_w + value_w + PAD)
     return _svg(total_w, TITLE_H + len(labels) * ROW_H + PAD, title, body)
 
@@ -171,27 +175,9 @@ def funnel_svg(stages: Mapping[str, int], title: str = "Yield funnel") -> str:
     """A funnel: one centred bar per stage, with its count and its share of the first."""
     if not stages:
         return _no_data(title, 480)
-    width = 480
-    labels = [str(k) for k in stages]
     first = _value(next(iter(stages.values())))
-    values = [f"{fmt_number(v)} ({fmt_share(_value(v), first)})" for v in stages.values()]
-    label_w, value_w = _columns(labels, values, width)
-    x0 = PAD + label_w
-    plot_w = max(width - x0 - value_w - PAD, 40)
-    top = max(_value(v) for v in stages.values())
-    body = []
-    for i, (label, v, shown) in enumerate(zip(labels, stages.values(), values, strict=True)):
-        y = TITLE_H + i * ROW_H
-        w = plot_w * _value(v) / top if top else 0.0
-        fade = f' fill-opacity="{1 - 0.45 * i / max(len(labels) - 1, 1):.2f}"'
-        short = _clip(label, int((label_w - PAD) / CHAR_W))
-        body += [
-            _text(x0 - 6, y + BAR_H - 4, short, INK, "end"),
-            _bar(x0 + (plot_w - w) / 2, y, w, BAR_H, f"{label}: {shown}", fade),
-            _text(x0 + plot_w + 6, y + BAR_H - 4, shown, MUTED),
-        ]
-    total_w = max(width, x0 + plot_w + value_w + PAD)
-    return _svg(total_w, TITLE_H + len(labels) * ROW_H + PAD, title, body)
+    shown = [f"{fmt_number(v)} ({fmt_share(_value(v), first)})" for v in stages.values()]
+    return _horizontal(stages, title, 480, shown=shown, funnel=True)
 
 
 def markdown_chart(svg: str, alt: str) -> str:
