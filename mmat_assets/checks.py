@@ -1,7 +1,8 @@
 """Data contracts: pure validators returning counts, wrapped by thin asset checks.
 
 ERROR severity for format violations (schema, duplicate ids, dangling image references,
-missing licences); the validators themselves know nothing of Dagster.
+missing licences, rows read but not accounted for); the validators themselves know nothing
+of Dagster.
 """
 
 from __future__ import annotations
@@ -49,3 +50,14 @@ def images_resolve(df: pl.DataFrame, exists: Callable[[str], bool]) -> Outcome:
     dangling = [u for u in uris.to_series().to_list() if not exists(u)]
     return Outcome(not dangling, {"images": uris.height, "dangling": len(dangling),
                                   "examples": dangling[:5]})
+
+
+#: The terms that must add up to the rows a source's reader yielded.
+ACCOUNTED_TERMS = ("rows_kept", "rows_quarantined", "rows_dropped_duplicate", "rows_dropped_by_quota")
+
+
+def rows_accounted_for(counts: dict[str, int]) -> Outcome:
+    """rows_read = rows_kept + rows_quarantined + rows_dropped_duplicate + rows_dropped_by_quota."""
+    accounted = sum(counts[t] for t in ACCOUNTED_TERMS)
+    return Outcome(counts["rows_read"] == accounted,
+                   {**counts, "rows_unaccounted": counts["rows_read"] - accounted})

@@ -6,6 +6,7 @@ its project. Loaded by the composition root, never at import time.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -41,10 +42,31 @@ class ComponentConfig(_Model):
     enabled: bool = Field(default=True, description="False leaves it out of the asset graph.")
 
 
+class ToolConfig(ComponentConfig):
+    """A configured tool, plus the limits of each call the engine makes to it."""
+
+    timeout_s: float = Field(
+        default=120.0, gt=0, le=86_400,
+        description="Seconds one call may run; a call still running then becomes an error "
+        "result for that call (not cached), and the sample goes on.",
+    )
+    max_result_chars: int = Field(
+        default=16_384, ge=1, le=10_000_000,
+        description="Longest result text kept, in characters (also the cap on the JSON of "
+        "its data); longer text is cut and marked '… [truncated N characters]'. Part of "
+        "the tool cache key, since it changes what a call returns.",
+    )
+
+
 class FoundationConfig(_Model):
     """How Foundation shards, samples and validates."""
 
     shards: int = Field(default=8, ge=1, le=100_000, description="Number of shards.")
+    shards_per_run: int = Field(
+        default=4, ge=1, le=10_000,
+        description="Shards one run covers when a backfill (the UI's, or `mmat build --launch`) runs "
+        "the shard assets: a backfill of N shards is ceil(N / shards_per_run) runs.",
+    )
     seed: int = Field(default=42, description="Seed of the per-subset quota sampling.")
     max_image_pixels: int = Field(
         default=50_000_000, description="Larger images are quarantined (decompression bombs)."
@@ -65,7 +87,28 @@ class StagesConfig(_Model):
     rag_k: int = Field(default=3, ge=1, le=20, description="Passages fed back per search.")
     concurrency: int = Field(default=16, ge=1, le=1024, description="Samples in flight per shard.")
     tool_concurrency: int = Field(default=2, ge=1, le=64, description="Tool calls running at once per shard.")
+    lease_s: float = Field(default=30.0, gt=0, le=3600, description="Lease on a claimed teacher request or "
+                           "tool call: renewed while its holder lives, taken over this long after it died.")
+    lease_wait_s: float = Field(default=900.0, gt=0, description="Longest wait for another live process's "
+                                "answer to a request it claimed; the sample fails after that.")
     preview_rows: int = Field(default=3, description="Dialogues rendered in the UI preview.")
+    budget_usd: float | None = Field(
+        default=None, gt=0, description="Spending cap in USD over every teacher request the request "
+        "caches recorded, all shards and processes together (None: no cap). Checked before each new "
+        "request: at the cap nothing more is sent, requests in flight finish, finished rows are "
+        "written, the rest end `budget_exhausted` and `mmat build` exits 3. Raise it and rerun to "
+        "resume; nothing answered is asked again. `mmat build --budget` overrides it.",
+    )
+    teacher_rpm: float | None = Field(default=None, gt=0, description="The teacher account's requests "
+                                      "per minute, for `mmat estimate`'s wall time (None: unlimited).")
+    teacher_tpm: float | None = Field(default=None, gt=0, description="The teacher account's tokens per "
+                                      "minute, for `mmat estimate`'s wall time (None: unlimited).")
+    max_failure_rate: float = Field(
+        default=0.5, ge=0, le=1,
+        description="Share of an asset's rows that may fail (a source's quarantined rows, a stage's "
+        "failed rows) before `mmat build` exits non-zero naming it; a stage where every row failed "
+        "fails the build whatever this says.",
+    )
 
 
 class ExportConfig(_Model):
@@ -116,7 +159,7 @@ class ProjectConfig(_Model):
 
     sources: dict[str, SourceConfig] = Field(description="Configured sources by asset name.")
     foundation: FoundationConfig = Field(default_factory=FoundationConfig)
-    tools: dict[str, ComponentConfig] = Field(
+    tools: dict[str, ToolConfig] = Field(
         default_factory=dict,
         description="Options per tool; every registered tool gets an asset, these only configure.",
     )
@@ -150,10 +193,17 @@ class ProjectConfig(_Model):
         return root if "://" in root else str(self.resolve(root))
 
 
+#: Overrides ``stages.budget_usd`` when set: how `mmat build --budget` reaches the processes
+#: that load the project (its workers), read when a config is loaded.
+BUDGET_ENV = "MMAT_BUDGET_USD"
+
+
 def load_config(path: str | Path) -> ProjectConfig:
-    """Read and validate a project config file."""
+    """Read and validate a project config file (``$MMAT_BUDGET_USD`` overrides the budget)."""
     path = Path(path).resolve()
     data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if os.environ.get(BUDGET_ENV):
+        data.setdefault("stages", {})["budget_usd"] = os.environ[BUDGET_ENV]
     cfg = ProjectConfig.model_validate(data)
     cfg.base_dir = path.parent
     return cfg

@@ -2,8 +2,10 @@
 
 Built-in plugins are modules named in :data:`DEFAULT_PLUGINS`; third-party ones arrive
 through the ``mmat`` entry-point group. ``MMAT_BLOCK_PLUGINS`` (comma-separated plugin
-names) blocks plugins. A plugin that fails to import, or registers a second implementation
-under a name already taken in its role, is recorded as an error naming it; the rest load.
+names) blocks plugins. A plugin that fails to import (whatever it raises, ``sys.exit`` included),
+fails in its register hook, or registers a second implementation under a name already taken in
+its role, is recorded as an error naming it; the rest load. Only Ctrl-C (KeyboardInterrupt)
+goes through: a user who interrupts a slow import means to stop.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import importlib.metadata as md
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pluggy
@@ -45,7 +48,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
 ENTRY_POINT_GROUP = "mmat"
 BLOCK_ENV = "MMAT_BLOCK_PLUGINS"
 
-ROLE_BASES: dict[str, type[contracts.Component]] = {
+ROLE_BASES: dict[str, type[contracts.Component[Any]]] = {
     "source": contracts.Source,
     "tool": contracts.Tool,
     "retriever": contracts.Retriever,
@@ -63,7 +66,7 @@ class Implementation:
 
     role: str
     name: str
-    cls: type[contracts.Component]
+    cls: type[contracts.Component[Any]]
     plugin: str
     plugin_version: str
 
@@ -91,16 +94,26 @@ class Registry:
             cls = self.get(role, name).cls
         except KeyError:
             return None
-        prompt = getattr(cls, "prompt_version", None)
+        prompt = cls.prompt_version
         return f"{cls.version}+{prompt}" if prompt else str(cls.version)
 
     def role(self, role: str) -> dict[str, Implementation]:
         """All implementations of one role, by name."""
         return dict(self.impls.get(role, {}))
 
-    def create(self, role: str, name: str, options: Mapping[str, Any] | None = None) -> Any:
-        """Instantiate implementation ``name`` of ``role`` with validated ``options``."""
-        return self.get(role, name).cls(options)
+    def create(self, role: str, name: str, options: Mapping[str, Any] | None = None, *,
+               base_dir: str | Path | None = None) -> Any:
+        """Instantiate implementation ``name`` of ``role`` with validated ``options``.
+
+        ``base_dir`` (the config file's directory; default the working directory) is set
+        before the class's ``__init__`` runs: relative option paths resolve against it from
+        the start, and a plugin's own ``__init__(options)`` needs no extra argument.
+        """
+        cls = self.get(role, name).cls
+        obj = cls.__new__(cls)
+        obj.base_dir = Path(base_dir) if base_dir is not None else Path.cwd()
+        cls.__init__(obj, options)
+        return obj
 
     def all(self) -> Iterable[Implementation]:
         for role in ROLE_BASES:
@@ -125,16 +138,32 @@ def _own_version() -> str:
     return __version__
 
 
+def _describe(exc: BaseException) -> str:
+    """What a plugin raised, in words: ``sys.exit`` is easy to miss as an exception."""
+    if isinstance(exc, SystemExit):
+        return f"SystemExit: it called sys.exit({exc.code!r})"
+    return f"{type(exc).__name__}: {exc}"
+
+
 def _short_name(module_name: str) -> str:
     return module_name.rsplit(".", 1)[-1]
+
+
+def plugin_name(obj: object) -> str:
+    """The name a plugin object is registered (and blocked) under: a module's or class's
+    last name part."""
+    return _short_name(str(getattr(obj, "__name__", None) or type(obj).__name__))
 
 
 def get_plugin_manager(
     builtins: Iterable[str] = DEFAULT_PLUGINS,
     entry_points: bool = True,
     environ: Mapping[str, str] | None = None,
+    plugins: Iterable[object] = (),
 ) -> tuple[pluggy.PluginManager, list[str], dict[str, str]]:
-    """Build a fresh plugin manager: built-ins from the list, then entry points.
+    """Build a fresh plugin manager: built-ins from the list, then entry points, then
+    ``plugins``: objects (modules, classes) with ``@hookimpl`` functions, registered as they
+    are, under :func:`plugin_name` (tests and notebooks need no entry point).
 
     Returns the manager, the load errors, and each plugin's version by name.
     """
@@ -152,8 +181,10 @@ def get_plugin_manager(
         try:
             module = load()
             pm.register(module, name=name)
-        except Exception as exc:  # a broken plugin must not take the others down
-            errors.append(f"plugin {name!r} failed to load: {type(exc).__name__}: {exc}")
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # a broken plugin must not take the others down, sys.exit included
+            errors.append(f"plugin {name!r} failed to load: {_describe(exc)}")
             return
         versions[name] = _plugin_version(module, dist)
 
@@ -162,6 +193,8 @@ def get_plugin_manager(
     if entry_points:
         for ep in md.entry_points(group=ENTRY_POINT_GROUP):
             add(ep.name, ep.load, ep.dist)
+    for obj in plugins:
+        add(plugin_name(obj), lambda o=obj: o, None)
     return pm, errors, versions
 
 
@@ -176,16 +209,16 @@ def _collect(pm: pluggy.PluginManager, registry: Registry, versions: dict[str, s
 
             try:
                 impl.function(register=register)
-            except Exception as exc:
-                registry.errors.append(
-                    f"plugin {plugin!r} failed in {hook_name}: {type(exc).__name__}: {exc}"
-                )
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:  # as at import: contained, named, the rest go on
+                registry.errors.append(f"plugin {plugin!r} failed in {hook_name}: {_describe(exc)}")
 
 
 def _add(
     registry: Registry,
     role: str,
-    base: type[contracts.Component],
+    base: type[contracts.Component[Any]],
     cls: type[Any],
     plugin: str,
     version: str,
@@ -214,9 +247,11 @@ def load_registry(
     builtins: Iterable[str] = DEFAULT_PLUGINS,
     entry_points: bool = True,
     environ: Mapping[str, str] | None = None,
+    plugins: Iterable[object] = (),
 ) -> Registry:
-    """Load every plugin and collect what each registers, by role and name."""
-    pm, errors, versions = get_plugin_manager(builtins, entry_points, environ)
+    """Load every plugin and collect what each registers, by role and name; ``plugins`` are
+    plugin objects added after the others (see :func:`get_plugin_manager`)."""
+    pm, errors, versions = get_plugin_manager(builtins, entry_points, environ, plugins)
     registry = Registry(errors=list(errors), blocked=sorted(blocked_names(environ)))
     _collect(pm, registry, versions)
     return registry
@@ -228,4 +263,5 @@ __all__ = [
     "Registry",
     "get_plugin_manager",
     "load_registry",
+    "plugin_name",
 ]

@@ -6,8 +6,11 @@ them and parses them back, and ``parse(render(t)) == t`` for every trajectory.
 Tool and retrieval text is data, never protocol: before it is placed in a turn, every
 protocol marker in it (``<SIGNAL>``, ``</THOUGHT>``, ``<|end_result_of_api|>``, ...) is
 neutralised by a word joiner (U+2060) after its ``<``, so no OCR text or web snippet can
-close a block, end a dialogue or fake a tool call. The escape is reversible (existing
-joiners are doubled), so parsing gives back the exact text.
+close a block, end a dialogue or fake a tool call. The phrases that open a block at a line
+start (RR's ``Here are ...`` results, ORR's ``Use the following API outputs ...`` intro) get
+the joiner after the line break. The escape is reversible (existing joiners are doubled),
+so parsing gives back the exact text, whatever a question, thought, answer or tool output
+holds.
 
 Operator syntax inside ``<OPERATOR>``: comma-separated calls, each ``name`` or
 ``name[arg1|arg2]`` for tools that take object names (``label_bbox[cat|dog]``).
@@ -28,10 +31,6 @@ JOINER = "\u2060"
 _MARKER = r"(?:/?(?:%s)>|\|(?:%s)\|>)" % ("|".join(TAGS), "|".join(API_TOKENS))
 _ESCAPE = re.compile(r"<(%s*)(?=%s)" % (JOINER, _MARKER))
 _UNESCAPE = re.compile(r"<%s(%s*)(?=%s)" % (JOINER, JOINER, _MARKER))
-# A result block starts a line with this phrase; the same phrase inside data is marked too.
-_BLOCK_START = "Here are "
-_ESCAPE_LINE = re.compile(r"\n(%s*)(?=%s)" % (JOINER, _BLOCK_START))
-_UNESCAPE_LINE = re.compile(r"\n%s(%s*)(?=%s)" % (JOINER, JOINER, _BLOCK_START))
 
 START = "Please start your reasoning."
 CONTINUE = "Please continue your reasoning."
@@ -42,6 +41,11 @@ SUMMARY = "Based on the above information, please summarize and give the answer 
 ORR_INTRO = "Use the following API outputs to help answer the question:"
 ORR_BLOCK = "<|begin_api_invoke|>{tool}<|end_api_invoke|><|begin_result_of_api|>{result}<|end_result_of_api|>"
 ORR_ANSWER = "The answer is: {answer}"
+# An RR result block and ORR's tool outputs each open a line with a fixed phrase; the same
+# phrase at a line start inside data is marked too, so no question or output can open either.
+_LINE_MARKER = "(?:%s|%s)" % (re.escape("Here are "), re.escape(ORR_INTRO))
+_ESCAPE_LINE = re.compile(r"\n(%s*)(?=%s)" % (JOINER, _LINE_MARKER))
+_UNESCAPE_LINE = re.compile(r"\n%s(%s*)(?=%s)" % (JOINER, JOINER, _LINE_MARKER))
 
 
 def neutralise(text: str) -> str:

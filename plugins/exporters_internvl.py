@@ -3,18 +3,22 @@
 The system prompt is left out: InternVL's template brings its own, and its trainer adds a
 literal ``<image>`` to a leading system turn. The ``<image>`` tag sits on its own line
 before the first question, as InternVL's data expects.
+
+The meta JSON is relocatable: ``root`` is ``.`` and ``annotation`` a file name, both
+relative to the meta file's own folder. InternVL opens both from its working directory, so
+train from inside the export folder, or set ``root`` and ``annotation`` to where the folder
+was copied.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from mmat_assets.contracts import Exporter
-from mmat_assets.engine.export import IMAGE_TAG, Record, copy_images, write_jsonl
 from mmat_assets.hookspecs import Register, hookimpl
+from mmat_assets.toolkit.export import IMAGE_TAG, Record, write_indexed_formats, write_jsonl
 
 
 def internvl_row(n: int, rec: Record, images: Mapping[str, str]) -> dict[str, Any]:
@@ -35,21 +39,16 @@ def internvl_row(n: int, rec: Record, images: Mapping[str, str]) -> dict[str, An
 
 class InternVLExporter(Exporter):
     name = "internvl"
-    version = "1.0.0"
-    description = "InternVL JSONL (image + conversations) with a meta JSON naming root and annotation."
+    version = "2.0.0"
+    description = "InternVL JSONL (image + conversations) with a meta JSON naming root and annotation (relative)."
 
     def export(self, records: Mapping[str, list[Record]], out_dir: Path, context: Mapping[str, Any]) -> dict[str, Any]:
-        meta, written = {}, {}
-        for fmt, recs in records.items():
-            images = copy_images(recs, out_dir)
+        def write(fmt: str, recs: list[Record], images: Mapping[str, str]) -> tuple[Path, dict[str, Any]]:
             path = out_dir / f"{fmt}.jsonl"
             n = write_jsonl(path, (internvl_row(i, r, images) for i, r in enumerate(recs)))
-            meta[f"mmat_{fmt}"] = {"root": str(out_dir.resolve()), "annotation": str(path.resolve()),
-                                   "data_augment": False, "repeat_time": 1, "length": n}
-            written[fmt] = str(path)
-        (out_dir / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
-        written["meta"] = str(out_dir / "meta.json")
-        return written
+            return path, {"root": ".", "annotation": path.name, "data_augment": False, "repeat_time": 1, "length": n}
+
+        return write_indexed_formats(records, out_dir, write, out_dir / "meta.json")
 
 
 @hookimpl

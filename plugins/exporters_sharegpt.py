@@ -2,7 +2,9 @@
 
 Tag-style assistant turns are ``gpt``; user turns that carry tool results are
 ``observation`` (LLaMA-Factory's role for environment feedback); other user turns are
-``human``. Image paths are relative to the export folder: pass it as ``media_dir``.
+``human``. Every path is relative to the export folder, so it can be copied anywhere: pass
+the folder as LLaMA-Factory's ``dataset_dir`` (its ``media_dir`` defaults to it; set
+``media_dir`` to the folder when ``dataset_dir`` points elsewhere).
 """
 
 from __future__ import annotations
@@ -14,8 +16,15 @@ from typing import Any
 
 from mmat_assets import protocol
 from mmat_assets.contracts import Exporter
-from mmat_assets.engine.export import Record, copy_images
 from mmat_assets.hookspecs import Register, hookimpl
+from mmat_assets.toolkit.export import Record, write_indexed_formats
+
+#: How LLaMA-Factory reads the conversations (its ``dataset_info.json`` entry, less the file).
+DATASET_INFO = {
+    "columns": {"messages": "conversations", "system": "system", "images": "images"},
+    "tags": {"role_tag": "from", "content_tag": "value", "user_tag": "human",
+             "assistant_tag": "gpt", "observation_tag": "observation"},
+}
 
 
 def _role(message: Mapping[str, str]) -> str:
@@ -38,22 +47,14 @@ class ShareGPTExporter(Exporter):
 
     def export(self, records: Mapping[str, list[Record]], out_dir: Path, context: Mapping[str, Any]) -> dict[str, Any]:
         out_dir.mkdir(parents=True, exist_ok=True)
-        info, written = {}, {}
-        for fmt, recs in records.items():
-            images = copy_images(recs, out_dir)
+
+        def write(fmt: str, recs: list[Record], images: Mapping[str, str]) -> tuple[Path, dict[str, Any]]:
             path = out_dir / f"{fmt}.json"
             path.write_text(json.dumps([conversation(r, images) for r in recs], ensure_ascii=False, indent=1),
                             encoding="utf-8")
-            written[fmt] = str(path)
-            info[f"mmat_{fmt}"] = {
-                "file_name": path.name, "formatting": "sharegpt",
-                "columns": {"messages": "conversations", "system": "system", "images": "images"},
-                "tags": {"role_tag": "from", "content_tag": "value", "user_tag": "human",
-                         "assistant_tag": "gpt", "observation_tag": "observation"},
-            }
-        (out_dir / "dataset_info.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
-        written["dataset_info"] = str(out_dir / "dataset_info.json")
-        return written
+            return path, {"file_name": path.name, "formatting": "sharegpt", **DATASET_INFO}
+
+        return write_indexed_formats(records, out_dir, write, out_dir / "dataset_info.json")
 
 
 @hookimpl

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mmat_assets.contracts import BadRow, ImageInput, Source, SourceRow
 from mmat_assets.hookspecs import Register, hookimpl
-from mmat_plugins._jsonl import raw_excerpt
+from mmat_assets.toolkit.jsonl import guarded_rows, raw_excerpt
 
 COLUMNS = ("images", "texts")
 #: Rows per Parquet batch: shards run to 500 MB of image bytes, so read a slice at a time.
@@ -48,7 +48,7 @@ class CauldronOptions(BaseModel):
     )
 
 
-class CauldronSource(Source):
+class CauldronSource(Source[CauldronOptions]):
     """The Cauldron's Parquet shards: one row per user/assistant turn, images as bytes."""
 
     name = "cauldron"
@@ -91,7 +91,9 @@ class CauldronSource(Source):
                 return
             for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=list(COLUMNS)):
                 for record in batch.to_pylist():
-                    yield from _rows(f"{rel}:{i}", record, subset, license_, rel, i)
+                    row_id = f"{rel}:{i}"
+                    yield from guarded_rows(row_id, _summary(record),
+                                            lambda: _rows(row_id, record, subset, license_, rel, i))
                     i += 1
         except (pa.ArrowException, OSError) as exc:
             # One corrupt shard should not hide the other shards of the directory.
@@ -113,7 +115,7 @@ def subset_of(shard: Path) -> str:
 def _rows(row_id: str, record: dict[str, Any], subset: str, license_: str, shard: str,
           index: int) -> Iterator[SourceRow | BadRow]:
     images, problem = _images(record.get("images"))
-    texts = record.get("texts")
+    texts: Any = record.get("texts")
     if problem is None and (not isinstance(texts, list) or not texts):
         problem = "'texts' is not a non-empty list"
     if problem is not None:
@@ -149,12 +151,16 @@ def _images(value: Any) -> tuple[list[ImageInput], str | None]:
     return images, None
 
 
+def _summary(record: Any) -> dict[str, Any]:
+    """The row's texts and image count: never the image bytes."""
+    images = record.get("images") if isinstance(record, dict) else None
+    return {"texts": record.get("texts") if isinstance(record, dict) else repr(record)[:200],
+            "images": len(images) if isinstance(images, list) else repr(images)[:80]}
+
+
 def _raw(record: dict[str, Any]) -> str:
-    """The row's texts and image count (never the image bytes) for the quarantine table."""
-    images = record.get("images")
-    summary = {"texts": record.get("texts"),
-               "images": len(images) if isinstance(images, list) else repr(images)[:80]}
-    return raw_excerpt(json.dumps(summary, ensure_ascii=False, default=repr))
+    """The row's summary for the quarantine table."""
+    return raw_excerpt(json.dumps(_summary(record), ensure_ascii=False, default=repr))
 
 
 @hookimpl

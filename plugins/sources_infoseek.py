@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
-from mmat_assets.contracts import BadRow, ImageInput, Source, SourceRow
+from mmat_assets.contracts import BadRow, ImageInput, SourceRow
 from mmat_assets.hookspecs import Register, hookimpl
-from mmat_plugins._jsonl import iter_jsonl_objects, line_id, raw_excerpt
+from mmat_assets.toolkit.jsonl import iter_jsonl_objects, line_id, raw_excerpt
+from mmat_assets.toolkit.sources import FileSource, FileSourceOptions, guarded_records
 
 REQUIRED = ("image_id", "question", "answer")
 #: Keys an entity file may use: InfoSeek's own (entity_id/entity_text) or Wiki6M's.
@@ -27,8 +27,7 @@ ENTITY_ID_KEYS = ("entity_id", "wikidata_id", "id")
 ENTITY_NAME_KEYS = ("entity_text", "wikipedia_title", "name", "title")
 
 
-class InfoSeekOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class InfoSeekOptions(FileSourceOptions):
     path: str = Field(description="An InfoSeek JSONL file (infoseek_train.jsonl, infoseek_val.jsonl, ...).")
     image_root: str = Field(description="Directory holding the OVEN images.")
     image_pattern: str = Field(
@@ -40,7 +39,6 @@ class InfoSeekOptions(BaseModel):
         description=("Optional JSONL of entity id -> name (keys entity_id/entity_text or "
                      "wikidata_id/wikipedia_title)."),
     )
-    license: str = Field(default="Apache-2.0", description="Licence carried by every row.")
 
     @field_validator("image_pattern")
     @classmethod
@@ -54,7 +52,7 @@ class InfoSeekOptions(BaseModel):
         return value
 
 
-class InfoSeekSource(Source):
+class InfoSeekSource(FileSource[InfoSeekOptions]):
     """InfoSeek questions: gold answer is the first answer; all answers and the entity in meta."""
 
     name = "infoseek"
@@ -64,13 +62,9 @@ class InfoSeekSource(Source):
     description = "InfoSeek JSONL (knowledge-seeking VQA over OVEN images)."
     Options = InfoSeekOptions
 
-    def image_root(self) -> Path:
-        return self.resolve_path(self.options.image_root)
-
     def read(self) -> Iterator[SourceRow | BadRow]:
         entities = self._entities()
-        for item in iter_jsonl_objects(self.resolve_path(self.options.path)):
-            yield item if isinstance(item, BadRow) else self._row(*item, entities)
+        yield from guarded_records(iter_jsonl_objects(self.file), lambda n, obj: self._row(n, obj, entities), line_id)
 
     def _entities(self) -> dict[str, str]:
         """Entity id -> name from the optional mapping file (its bad lines are skipped)."""

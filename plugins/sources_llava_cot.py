@@ -13,14 +13,14 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from mmat_assets.contracts import BadRow, ImageInput, Source, SourceRow
+from mmat_assets.contracts import BadRow, ImageInput, SourceRow
 from mmat_assets.hookspecs import Register, hookimpl
-from mmat_plugins._jsonl import iter_jsonl_objects, line_id, raw_excerpt
+from mmat_assets.toolkit.jsonl import iter_jsonl_objects, line_id, raw_excerpt
+from mmat_assets.toolkit.sources import FileSource, FileSourceOptions, guarded_records
 
 _IMAGE_TAG = re.compile(r"\n?<image>\n?")
 _STAGE = re.compile(r"<(SUMMARY|CAPTION|REASONING|CONCLUSION)>(.*?)</\1>", re.S | re.I)
@@ -32,17 +32,11 @@ _CHOICE_LINE = re.compile(r"^\s*\(?([A-Z])[.):]\)?\s+(.*\S)\s*$")
 _CHOICE_INLINE = re.compile(r"(?:^|[,;]?\s+)\(?([A-Z])[.)]\s+")
 
 
-class LlavaCoTOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class LlavaCoTOptions(FileSourceOptions):
     path: str = Field(description="The train.jsonl file (one conversation per line).")
-    image_root: str | None = Field(
-        default=None,
-        description="Directory the 'image' paths are relative to; defaults to the JSONL's directory.",
-    )
-    license: str = Field(default="Apache-2.0", description="Licence carried by every row.")
 
 
-class LlavaCoTSource(Source):
+class LlavaCoTSource(FileSource[LlavaCoTOptions]):
     """LLaVA-CoT conversations: one row per human/gpt pair, staged reasoning as rationale."""
 
     name = "llava_cot"
@@ -52,21 +46,8 @@ class LlavaCoTSource(Source):
     description = "LLaVA-CoT-100k train.jsonl: VQA with SUMMARY/CAPTION/REASONING/CONCLUSION stages."
     Options = LlavaCoTOptions
 
-    @property
-    def file(self) -> Path:
-        return self.resolve_path(self.options.path)
-
-    def image_root(self) -> Path:
-        if self.options.image_root:
-            return self.resolve_path(self.options.image_root)
-        return self.file.parent
-
     def read(self) -> Iterator[SourceRow | BadRow]:
-        for item in iter_jsonl_objects(self.file):
-            if isinstance(item, BadRow):
-                yield item
-            else:
-                yield from self._rows(*item)
+        yield from guarded_records(iter_jsonl_objects(self.file), self._rows, line_id)
 
     def _rows(self, n: int, obj: dict[str, Any]) -> Iterator[SourceRow | BadRow]:
         base_id = str(obj["id"]) if obj.get("id") is not None else line_id(n)

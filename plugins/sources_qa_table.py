@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Mapping
-from pathlib import Path
 from typing import Any, Literal
 
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
-from mmat_assets.contracts import BadRow, ImageInput, Source, SourceRow
+from mmat_assets.contracts import BadRow, ImageInput, SourceRow
 from mmat_assets.hookspecs import Register, hookimpl
-from mmat_plugins._jsonl import iter_jsonl_objects, raw_excerpt
+from mmat_assets.toolkit.jsonl import excerpt_of, iter_jsonl_objects
+from mmat_assets.toolkit.sources import FileSource, FileSourceOptions, guarded_records
 
 #: Rows per Parquet batch: image columns can be large, so read a slice at a time.
 BATCH_ROWS = 256
@@ -46,8 +46,7 @@ class QAColumns(BaseModel):
         return {role: col for role, col in self.model_dump().items() if col is not None}
 
 
-class QATableOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class QATableOptions(FileSourceOptions):
     path: str = Field(description="The JSONL or Parquet file to read.")
     format: Literal["auto", "jsonl", "parquet"] = Field(
         default="auto", description="File format; 'auto' goes by the extension (.parquet, else JSONL).",
@@ -55,12 +54,9 @@ class QATableOptions(BaseModel):
     columns: QAColumns = Field(description="Which column plays which role; unmapped columns go to meta.")
     license: str = Field(description="Licence of the data (required: there is no safe default).")
     dataset: str = Field(default="qa_table", description="Dataset family name recorded on every row.")
-    image_root: str | None = Field(
-        default=None, description="Directory image paths are relative to; defaults to the file's directory.",
-    )
 
 
-class QATableSource(Source):
+class QATableSource(FileSource[QATableOptions]):
     """Any JSONL/Parquet QA table, mapped column by column onto source rows."""
 
     name = "qa_table"
@@ -74,15 +70,6 @@ class QATableSource(Source):
         # The family name is configuration here, not a property of the class.
         self.dataset = self.options.dataset  # type: ignore[misc]
 
-    @property
-    def file(self) -> Path:
-        return self.resolve_path(self.options.path)
-
-    def image_root(self) -> Path:
-        if self.options.image_root:
-            return self.resolve_path(self.options.image_root)
-        return self.file.parent
-
     def file_format(self) -> str:
         if self.options.format != "auto":
             return self.options.format
@@ -90,8 +77,7 @@ class QATableSource(Source):
 
     def read(self) -> Iterator[SourceRow | BadRow]:
         records = self._parquet() if self.file_format() == "parquet" else self._jsonl()
-        for item in records:
-            yield item if isinstance(item, BadRow) else self._row(*item)
+        yield from guarded_records(records, self._row)
 
     def _jsonl(self) -> Iterator[tuple[int, dict[str, Any]] | BadRow]:
         return iter_jsonl_objects(self.file)
@@ -113,7 +99,7 @@ class QATableSource(Source):
         try:
             return self._parse(row_id, rec)
         except _Malformed as exc:
-            return BadRow(row_id, str(exc), raw_excerpt(json.dumps(rec, ensure_ascii=False, default=repr)))
+            return BadRow(row_id, str(exc), excerpt_of(rec))
 
     def _parse(self, row_id: str, rec: dict[str, Any]) -> SourceRow:
         cols = self.options.columns
@@ -171,7 +157,7 @@ def _choices(value: Any) -> list[str]:
     if isinstance(value, str) and value.lstrip().startswith("["):
         try:
             value = json.loads(value)  # options stored as a JSON-encoded list
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, RecursionError) as exc:
             raise _Malformed(f"choices are not a valid JSON list: {exc}") from None
     if not isinstance(value, list):
         raise _Malformed(f"choices are not a list: {type(value).__name__}")

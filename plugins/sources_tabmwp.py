@@ -7,14 +7,16 @@ grade and split. Licence CC BY-NC-SA 4.0 (non-commercial).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from mmat_assets.contracts import BadRow, ImageInput, Source, SourceRow
 from mmat_assets.hookspecs import Register, hookimpl
+from mmat_assets.toolkit.jsonl import excerpt_of, iter_json_members
+from mmat_assets.toolkit.sources import guarded_records
 
 ANSWER_TYPES = {
     "integer_number": "number",
@@ -34,7 +36,7 @@ class TabMWPOptions(BaseModel):
     license: str = Field(default="CC BY-NC-SA 4.0", description="Licence carried by every row.")
 
 
-class TabMWPSource(Source):
+class TabMWPSource(Source[TabMWPOptions]):
     """TabMWP problems with their rendered table images and gold solutions."""
 
     name = "tabmwp"
@@ -42,6 +44,7 @@ class TabMWPSource(Source):
     version = "1.0.0"
     license = "CC BY-NC-SA 4.0"
     description = "TabMWP math word problems over table images (problems.json + tables/)."
+    ground_truth_meta = ("table",)  # the table's text is what the image shows
     Options = TabMWPOptions
 
     @property
@@ -52,23 +55,29 @@ class TabMWPSource(Source):
         return self.root / self.options.tables_dir
 
     def read(self) -> Iterator[SourceRow | BadRow]:
-        problems = json.loads((self.root / self.options.problems_file).read_text(encoding="utf-8"))
-        for pid, p in problems.items():
-            if not isinstance(p, dict):
-                yield BadRow(str(pid), "problem is not a JSON object", json.dumps(p)[:2000])
-                continue
-            if self.options.split and p.get("split") != self.options.split:
-                continue
-            yield self._row(str(pid), p)
+        yield from guarded_records(self._problems(), self._row)
 
-    def _row(self, pid: str, p: dict) -> SourceRow:
+    def _problems(self) -> Iterator[tuple[str, dict[str, Any]] | BadRow]:
+        # Parsed problem by problem: one bad value costs that problem, not the file.
+        for item in iter_json_members(self.root / self.options.problems_file):
+            if isinstance(item, BadRow):
+                yield item
+            elif not isinstance(item[1], dict):
+                yield BadRow(item[0], "problem is not a JSON object", excerpt_of(item[1]))
+            elif not self.options.split or item[1].get("split") == self.options.split:
+                yield item
+
+    def _row(self, pid: str, p: dict) -> SourceRow | BadRow:
+        choices = p.get("choices")
+        if choices is not None and not isinstance(choices, list):
+            return BadRow(pid, f"'choices' is not a list: {type(choices).__name__}", excerpt_of(p))
         return SourceRow(
             row_id=pid,
             question=str(p.get("question") or ""),
             answer=str(p.get("answer") if p.get("answer") is not None else ""),
             images=[ImageInput(path=f"{pid}.png")],
             subset=f"grade_{p['grade']}" if p.get("grade") is not None else "",
-            choices=[str(c) for c in (p.get("choices") or [])],
+            choices=[str(c) for c in (choices or [])],
             rationale=p.get("solution"),
             answer_type=ANSWER_TYPES.get(str(p.get("ans_type"))),
             meta={k: p.get(k) for k in ("table", "table_title", "unit", "ques_type", "ans_type",

@@ -26,11 +26,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
-from mmat_assets.contracts import BadRow, ImageInput, Source, SourceRow
+from mmat_assets.contracts import BadRow, ImageInput, SourceRow
 from mmat_assets.hookspecs import Register, hookimpl
-from mmat_plugins._jsonl import iter_jsonl_objects, line_id, raw_excerpt
+from mmat_assets.toolkit.jsonl import excerpt_of, iter_json_members, iter_jsonl_objects, line_id, raw_excerpt
+from mmat_assets.toolkit.sources import FileSource, FileSourceOptions, guarded_records
 
 _IMAGE_TAG = re.compile(r"\n?<image>\n?")
 _COT_PROMPT = re.compile(
@@ -48,20 +49,14 @@ class _Malformed(ValueError):
     """A record that does not follow the format; becomes a BadRow with this message."""
 
 
-class VisualCoTOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class VisualCoTOptions(FileSourceOptions):
     path: str = Field(
         description="viscot_363k.json (a JSON list), or a JSONL file of training or metadata records.",
-    )
-    image_root: str | None = Field(
-        default=None,
-        description="Directory image paths are relative to (it holds cot/); defaults to the file's directory.",
     )
     metadata_image_dir: str = Field(
         default="cot/{dataset}",
         description="Folder, under image_root, of metadata-form images; '{dataset}' is the record's dataset.",
     )
-    license: str = Field(default="Apache-2.0", description="Licence carried by every row.")
 
     @field_validator("metadata_image_dir")
     @classmethod
@@ -73,7 +68,7 @@ class VisualCoTOptions(BaseModel):
         return value
 
 
-class VisualCoTSource(Source):
+class VisualCoTSource(FileSource[VisualCoTOptions]):
     """Visual CoT questions with their key-region boxes (in meta) and a short region rationale."""
 
     name = "visual_cot"
@@ -83,33 +78,25 @@ class VisualCoTSource(Source):
     description = "Visual CoT (viscot_363k.json or metadata JSONL): VQA with key-region boxes."
     Options = VisualCoTOptions
 
-    @property
-    def file(self) -> Path:
-        return self.resolve_path(self.options.path)
-
-    def image_root(self) -> Path:
-        if self.options.image_root:
-            return self.resolve_path(self.options.image_root)
-        return self.file.parent
-
     def read(self) -> Iterator[SourceRow | BadRow]:
-        for item in self._records():
-            yield item if isinstance(item, BadRow) else self._row(*item)
+        yield from guarded_records(self._records(), self._row)
 
     def _records(self) -> Iterator[tuple[str, dict[str, Any]] | BadRow]:
         """``(position id, record)`` pairs from a JSON list or a JSONL file."""
         if _starts_with(self.file, b"["):
-            # The training file is one JSON list; a broken list is a broken file (it raises).
-            records = json.loads(self.file.read_bytes().decode("utf-8"))
-            for i, obj in enumerate(records):
-                if isinstance(obj, dict):
-                    yield f"item {i}", obj
+            # The training file is one JSON list, read item by item: a bad item is that
+            # item's BadRow; a syntax error is a broken file (it raises).
+            for item in iter_json_members(self.file):
+                if isinstance(item, BadRow):
+                    yield BadRow(f"item {item.row_id}", item.reason, item.raw)
+                elif isinstance(item[1], dict):
+                    yield f"item {item[0]}", item[1]
                 else:
-                    yield BadRow(f"item {i}", f"not a JSON object: {type(obj).__name__}",
-                                 raw_excerpt(json.dumps(obj, ensure_ascii=False)))
+                    yield BadRow(f"item {item[0]}", f"not a JSON object: {type(item[1]).__name__}",
+                                 excerpt_of(item[1]))
             return
-        for item in iter_jsonl_objects(self.file):
-            yield item if isinstance(item, BadRow) else (line_id(item[0]), item[1])
+        for line in iter_jsonl_objects(self.file):
+            yield line if isinstance(line, BadRow) else (line_id(line[0]), line[1])
 
     def _row(self, position: str, obj: dict[str, Any]) -> SourceRow | BadRow:
         row_id = _row_id(position, obj)

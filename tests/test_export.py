@@ -10,8 +10,10 @@ from PIL import Image
 
 from mmat_assets import protocol
 from mmat_assets.engine import export as ex
-from mmat_assets.engine.stages import ORR_SYSTEM, RR_SYSTEM
+from mmat_assets.engine.stages import orr_system, rr_system
 from mmat_assets.plugins import load_registry
+
+RR_SYSTEM, ORR_SYSTEM = rr_system({}), orr_system({})  # the prompts of a build with no tools
 
 
 def _records(tmp: Path) -> dict[str, list[ex.Record]]:
@@ -46,7 +48,7 @@ def test_hf_export_loads_with_datasets_and_keeps_images(tmp_path: Path, registry
     registry.create("exporter", "hf_datasets").export(_records(tmp_path), out,
                                                       {"teachers": ["grounded-1"], "tool_versions": {"ocr": "1"},
                                                        "stage_counts": {"in": 3, "rr": 1}, "rr_system": RR_SYSTEM,
-                                                       "orr_system": ORR_SYSTEM})
+                                                       "orr_system": ORR_SYSTEM, "data_version": "0123456789abcdef"})
     import shutil
 
     shutil.rmtree(tmp_path / "media")  # the folder must stand alone: image bytes are inside it
@@ -61,6 +63,27 @@ def test_hf_export_loads_with_datasets_and_keeps_images(tmp_path: Path, registry
     card = (out / "README.md").read_text()
     assert "| tabmwp | CC BY-NC-SA 4.0 | 2 | yes |" in card and "non-commercial rows" in card
     assert RR_SYSTEM.splitlines()[0] in card and ORR_SYSTEM.splitlines()[0] in card and "grounded-1" in card
+    assert "data version: `0123456789abcdef`" in card and "| rr | 1 |" in card
+
+
+def test_hf_export_loads_without_a_config_name_and_its_card_is_valid_hub_yaml(tmp_path: Path, registry) -> None:
+    import datasets
+    from huggingface_hub import DatasetCard, DatasetCardData
+
+    out = tmp_path / "hf"
+    recs = _records(tmp_path)
+    recs["orr"][0].meta["license"] = "Custom research licence"
+    for r in recs["rr"]:
+        r.meta["dataset"] = "tabmwp"
+    registry.create("exporter", "hf_datasets").export(recs, out, {"data_version": "0123456789abcdef"})
+    rr = datasets.load_dataset(str(out), split="train", cache_dir=str(tmp_path / "hf-cache"))
+    assert rr[0]["messages"][-1] == {"role": "assistant", "content": "17"}  # the default configuration is rr
+    card = DatasetCard.load(out / "README.md")
+    assert isinstance(card.data, DatasetCardData) and card.data.pretty_name
+    assert card.data.license == ["cc-by-nc-sa-4.0", "other"] and card.data.license_name == "custom-research-licence"
+    assert [(c["config_name"], c.get("default")) for c in card.data.configs] == [("rr", True), ("orr", None)]
+    assert card.data.task_categories and "agent-tuning" in card.data.tags
+    assert "0123456789abcdef" in card.text and "@inproceedings{lu2023dynamic" in card.text  # TabMWP's paper
 
 
 def test_swift_sharegpt_internvl_files_follow_their_formats(tmp_path: Path, registry) -> None:
@@ -68,7 +91,7 @@ def test_swift_sharegpt_internvl_files_follow_their_formats(tmp_path: Path, regi
     swift = registry.create("exporter", "ms_swift").export(recs, tmp_path / "swift", {})
     line = json.loads(Path(swift["rr"]).read_text().splitlines()[0])
     assert line["messages"][1]["content"].startswith("<image>What is a + b?")
-    assert Path(line["images"][0]).is_absolute() and Path(line["images"][0]).is_file()
+    assert line["images"] == [f"images/{'ab' * 32}.png"] and (tmp_path / "swift" / line["images"][0]).is_file()
 
     sg = registry.create("exporter", "sharegpt").export(recs, tmp_path / "sg", {})
     conv = json.loads(Path(sg["rr"]).read_text())[0]
@@ -82,7 +105,8 @@ def test_swift_sharegpt_internvl_files_follow_their_formats(tmp_path: Path, regi
     assert row["conversations"][0]["value"].startswith("<image>\nWhat is a + b?")
     assert all(t["from"] != "system" for t in row["conversations"])
     meta = json.loads(Path(iv["meta"]).read_text())["mmat_rr"]
-    assert (Path(meta["root"]) / row["image"]).is_file() and meta["length"] == 1
+    assert meta["root"] == "." and meta["annotation"] == "rr.jsonl" and meta["length"] == 1
+    assert (tmp_path / "iv" / meta["root"] / row["image"]).is_file()
 
 
 def test_preflight_catches_image_mismatch_and_role_order(tmp_path: Path) -> None:
@@ -96,6 +120,20 @@ def test_preflight_catches_image_mismatch_and_role_order(tmp_path: Path) -> None
     assert [r.id for r in ok] == ["s1"]
     assert {(b.id, b.reason) for b in bad} == {("s2", "image_count_mismatch"), ("s3", "image_count_mismatch"),
                                               ("s4", "role_order")}
+
+
+def test_rejection_reasons_name_images_by_file_name_not_local_path(tmp_path: Path) -> None:
+    good = _records(tmp_path)["rr"][0]
+    gone = ex.Record("s5", "rr", good.messages, [str(tmp_path / "media" / "gone.png")], good.meta)
+    _, bad = ex.preflight([gone], None)
+    assert [(b.reason, b.detail) for b in bad] == [("missing_image", "image file not found: gone.png")]
+
+    def fails(rec: ex.Record) -> dict:
+        raise OSError(f"cannot decode {rec.images[0]}")
+
+    _, bad = ex.preflight([good], fails)
+    assert [b.reason for b in bad] == ["encode_failed"] and str(tmp_path) not in bad[0].detail
+    assert bad[0].detail == f"OSError: cannot decode {'ab' * 32}.png"
 
 
 def test_preflight_uses_the_encoder_verdicts(tmp_path: Path) -> None:

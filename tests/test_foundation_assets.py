@@ -65,6 +65,9 @@ def test_checks_pass_and_metadata_is_there(tabmwp_build) -> None:
     mat = instance.get_latest_materialization_event(dg.AssetKey(["source_samples", "tabmwp"])).asset_materialization
     assert mat.metadata["dagster/row_count"].value == 1000
     assert mat.metadata["rows_quarantined"].value == 0
+    assert mat.metadata["rows_read"].value == mat.metadata["rows_kept"].value == 1000
+    (accounted,) = results[0].get_asset_check_evaluations()
+    assert accounted.check_name == "rows_accounted_for" and accounted.passed
     assert "grade_" in mat.metadata["rows_by_subset"].value
     assert "data:image/png;base64," in mat.metadata["preview"].value
 

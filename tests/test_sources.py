@@ -22,7 +22,7 @@ from mmat_assets.contracts import BadRow, Source, SourceRow
 from mmat_assets.engine.foundation import Ingested, ingest
 from mmat_assets.engine.images import ImageLimits
 from mmat_assets.media import MediaStore
-from mmat_plugins._jsonl import iter_jsonl, iter_jsonl_objects
+from mmat_assets.toolkit.jsonl import iter_jsonl, iter_jsonl_objects
 from mmat_plugins.sources_cauldron import CauldronSource, subset_of
 from mmat_plugins.sources_infoseek import InfoSeekSource
 from mmat_plugins.sources_llava_cot import LlavaCoTSource, parse_choices, parse_stages

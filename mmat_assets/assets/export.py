@@ -1,8 +1,11 @@
 """Export group: one asset per exporter over every shard's RR and ORR samples.
 
 Each export filters the samples, runs pre-flight on every record (structure, and the
-configured student's chat template and processor), writes only records that pass, lists
-the rejected ones with reasons, and records a content-hash data version. The asset check
+trainer's encoder for the configured student), writes only records that pass, lists
+the rejected ones with reasons, and records a content-hash data version that the exporter's
+dataset card quotes. The folder is relocatable: its ``manifest.json`` names files relative
+to the folder and no local path (the asset's own output, which stays in this project, keeps
+local paths for lineage and training). The asset check
 ``preflight_clean`` fails when any record would have been dropped or bent by a trainer.
 No `from __future__ import annotations` here: Dagster reads the context annotations.
 """
@@ -16,11 +19,11 @@ import polars as pl
 
 from mmat_assets.assets._shared import recorded_version
 from mmat_assets.config import ProjectConfig
+from mmat_assets.contracts import Trainer
 from mmat_assets.engine import export as ex
 from mmat_assets.engine import stages
 from mmat_assets.plugins import Registry
 from mmat_assets.resources import StorageResource
-from mmat_assets.versions import files_version
 
 GROUP = "export"
 
@@ -44,6 +47,29 @@ def write_sample_ids(path: Path, records: dict[str, list[ex.Record]]) -> Path:
     return path
 
 
+MANIFEST = "manifest.json"
+
+
+def portable_manifest(manifest: dict[str, Any], out: Path) -> dict[str, Any]:
+    """The manifest as written in the export folder: files relative to it, no local path."""
+    student = manifest.get("student")
+    if student and Path(student).is_absolute():  # a local folder: its name says which student
+        student = Path(student).name
+    return {**manifest, "files": {k: ex.relative_to(v, out) for k, v in manifest["files"].items()},
+            "sample_ids": ex.relative_to(manifest["sample_ids"], out), "student": student}
+
+
+def read_manifest(folder: Path) -> dict[str, Any] | None:
+    """An export folder's manifest with its files resolved against the folder (None: none)."""
+    path = folder / MANIFEST
+    if not path.is_file():
+        return None
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    files = {k: str(folder / v) for k, v in manifest.get("files", {}).items()}
+    ids = manifest.get("sample_ids")
+    return {**manifest, "files": files, "sample_ids": str(folder / ids) if ids else ids}
+
+
 def _context(rr: pl.DataFrame, ref: pl.DataFrame, foundation_rows: int) -> dict[str, Any]:
     teachers = sorted({c.get("model", "") for p in ref["provenance"].drop_nulls()
                        for c in json.loads(p).get("teacher_calls", [])} - {""}) if ref.height else []
@@ -54,24 +80,22 @@ def _context(rr: pl.DataFrame, ref: pl.DataFrame, foundation_rows: int) -> dict[
     counts = stages.funnel(pl.DataFrame({"x": [0] * foundation_rows}), ref, rr, rr)
     counts.pop("orr", None)
     return {"teachers": teachers, "tool_versions": tools, "stage_counts": counts,
-            "rr_system": stages.RR_SYSTEM, "orr_system": stages.ORR_SYSTEM}
+            "rr_system": stages.system_prompt(rr)}
 
 
-def encoder_for(cfg: ProjectConfig, student_dir: str | None) -> Any:
-    """The student's record encoder for pre-flight (None when no student is configured)."""
+def configured_trainer(cfg: ProjectConfig, registry: Registry) -> Trainer:
+    """The trainer the config names: it trains the student, so it also knows how to build,
+    encode for and run it."""
+    trainer: Trainer = registry.create("trainer", cfg.training.trainer, cfg.training.options,
+                                       base_dir=cfg.base_dir)
+    return trainer
+
+
+def encoder_for(cfg: ProjectConfig, registry: Registry, student_dir: str | None) -> ex.Encoder | None:
+    """The trainer's record encoder for pre-flight (None when no student is configured)."""
     if not cfg.export.student or student_dir is None:
         return None
-    from transformers import AutoProcessor
-
-    from mmat_assets.engine.student import encode_record
-
-    processor = AutoProcessor.from_pretrained(student_dir)  # the template and processor; no weights needed
-    max_length = cfg.export.max_length
-
-    def encode(rec: ex.Record) -> dict[str, Any]:
-        return encode_record(processor, {"messages": rec.messages, "images": rec.images}, max_length)
-
-    return encode
+    return configured_trainer(cfg, registry).encoder(student_dir, cfg.export.max_length)
 
 
 def _exporter_asset(cfg: ProjectConfig, registry: Registry, name: str) -> dg.AssetsDefinition:
@@ -89,19 +113,20 @@ def _exporter_asset(cfg: ProjectConfig, registry: Registry, name: str) -> dg.Ass
         frames = {"rr": stages.concat_shards(rr), "orr": stages.concat_shards(orr)}
         filt = ex.ExportFilter.model_validate(cfg.export.filter)
         media = storage.media()
-        encode = encoder_for(cfg, student.get("path"))
-        records, rejected = {}, []
+        encode = encoder_for(cfg, registry, student.get("path"))
+        records: dict[str, list[ex.Record]] = {}
+        rejected: list[ex.Rejected] = []
         for fmt in cfg.export.formats:
             rows = ex.apply_filter(frames[fmt], filt)
             ok, bad = ex.preflight((ex.to_record(r, media.local_path) for r in rows.iter_rows(named=True)), encode)
             records[fmt], rejected = ok, rejected + bad
         out = export_dir(storage, name)
         all_ref = stages.concat_shards(reflected)
-        ctx = _context(frames["rr"], all_ref, all_ref.height)
-        exporter = registry.create("exporter", name)
-        written = exporter.export(records, out, ctx)
+        ctx = {**_context(frames["rr"], all_ref, all_ref.height), "orr_system": stages.system_prompt(frames["orr"])}
+        version = ex.export_version(name, impl.cls.version, records, ctx)
+        exporter = registry.create("exporter", name, base_dir=cfg.base_dir)
+        written = exporter.export(records, out, {**ctx, "data_version": version})
         ex.write_jsonl(out / "rejected.jsonl", (r.__dict__ for r in rejected))
-        version = files_version([Path(p) for p in written.values()])
         ids_file = write_sample_ids(out / SAMPLE_IDS, records)
         manifest = {"exporter": name, "data_version": version, "files": written, "rows": {k: len(v) for k, v in records.items()},
                     "sample_ids": str(ids_file),
@@ -109,7 +134,7 @@ def _exporter_asset(cfg: ProjectConfig, registry: Registry, name: str) -> dg.Ass
                                for a, parts in (("rr_samples", rr), ("orr_samples", orr))},
                     "rejected": len(rejected), "filter": filt.model_dump(), "max_length": cfg.export.max_length,
                     "student": student.get("path"), "licences": ex.licence_counts([r for v in records.values() for r in v])}
-        (out / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+        (out / MANIFEST).write_text(json.dumps(portable_manifest(manifest, out), indent=2), encoding="utf-8")
         reasons: dict[str, int] = {}
         for r in rejected:
             reasons[r.reason] = reasons.get(r.reason, 0) + 1

@@ -7,24 +7,26 @@ is called exported before pre-flight: role order, ``<image>`` placeholders equal
 images, and — through the configured student's processor — no truncation through image
 tokens at the configured max length and a non-empty assistant loss mask. Records that
 fail are reported with their reasons and kept out.
+
+Exports are relocatable: every path an exported file holds is relative to the export
+folder, and nothing in the folder names a path of the machine that built it, so the folder
+can be copied to another machine (or uploaded) and its data version does not depend on
+where it was built.
 """
 
 from __future__ import annotations
 
-import json
-import re
-import shutil
-from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 from pydantic import BaseModel, ConfigDict, Field
 
-IMAGE_TAG = "<image>"
-NON_COMMERCIAL = re.compile(r"\bNC\b|non-?commercial", re.I)
+from mmat_assets.toolkit.export import (IMAGE_TAG, NON_COMMERCIAL, Record, copy_images, is_non_commercial,
+                                        licence_counts, relative_to, write_jsonl)
+from mmat_assets.versions import doc_version
 
 
 class ExportFilter(BaseModel):
@@ -37,10 +39,6 @@ class ExportFilter(BaseModel):
     min_quality: float | None = Field(default=None, description="Drop rows scored below this (unscored kept).")
     used_rag: bool | None = Field(default=None, description="True: only RAG rows; False: none; None: any.")
     reflected: bool | None = Field(default=None, description="True: only reflected rows; False: none; None: any.")
-
-
-def is_non_commercial(licence: str) -> bool:
-    return bool(NON_COMMERCIAL.search(licence or ""))
 
 
 def apply_filter(df: pl.DataFrame, f: ExportFilter) -> pl.DataFrame:
@@ -62,17 +60,6 @@ def apply_filter(df: pl.DataFrame, f: ExportFilter) -> pl.DataFrame:
 
 
 @dataclass
-class Record:
-    """One training record in the neutral form every exporter starts from."""
-
-    id: str
-    format: str  # rr | orr
-    messages: list[dict[str, str]]  # first user turn carries one <image> tag per image
-    images: list[str]  # local image files
-    meta: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
 class Rejected:
     id: str
     format: str
@@ -88,8 +75,8 @@ def to_record(row: Mapping[str, Any], local_image: Callable[[str], Path]) -> Rec
         if m["role"] == "user":
             m["content"] = IMAGE_TAG * len(images) + m["content"]
             break
-    meta = {k: row.get(k) for k in ("source", "subset", "source_row_id", "license", "used_rag", "reflected",
-                                    "checks", "quality", "shard")}
+    meta = {k: row.get(k) for k in ("source", "dataset", "subset", "source_row_id", "license", "used_rag",
+                                    "reflected", "checks", "quality", "shard")}
     return Record(str(row["sample_id"]), str(row["format"]), messages, images, meta)
 
 
@@ -118,9 +105,16 @@ def structural_errors(rec: Record) -> list[tuple[str, str]]:
     if (err := role_order_error(rec.messages)) is not None:
         errors.append(("role_order", err))
     missing = [p for p in rec.images if not Path(p).is_file()]
-    if missing:
-        errors.append(("missing_image", f"image file not found: {missing[0]}"))
+    if missing:  # by name: the reasons are written into the export folder
+        errors.append(("missing_image", f"image file not found: {Path(missing[0]).name}"))
     return errors
+
+
+def without_local_paths(text: str, rec: Record) -> str:
+    """``text`` with the record's local image paths cut down to file names (the content hashes)."""
+    for p in sorted(rec.images, key=len, reverse=True):
+        text = text.replace(str(p), Path(p).name)
+    return text
 
 
 Encoder = Callable[[Record], Mapping[str, Any]]
@@ -133,7 +127,7 @@ def token_errors(rec: Record, encode: Encoder | None) -> list[tuple[str, str]]:
     try:
         d = encode(rec)
     except Exception as exc:  # the trainer would fail (or skip) on it: refuse it here, by name
-        return [("encode_failed", f"{type(exc).__name__}: {exc}")]
+        return [("encode_failed", without_local_paths(f"{type(exc).__name__}: {exc}", rec))]
     errors = []
     if d.get("truncated_through_image"):
         errors.append(("truncated_through_image", "max length cuts into or before the image tokens"))
@@ -161,35 +155,38 @@ def preflight(records: Iterable[Record], encode: Encoder | None) -> tuple[list[R
     return ok, bad
 
 
-# ------------------------------------------------------------------------ file helpers
+# ---------------------------------------------------------------------------- version
 
 
-def copy_images(records: list[Record], out_dir: Path) -> dict[str, str]:
-    """Copy every image once into ``out_dir/images`` (content-addressed names kept)."""
-    dest = out_dir / "images"
-    dest.mkdir(parents=True, exist_ok=True)
-    mapping: dict[str, str] = {}
-    for rec in records:
-        for path in rec.images:
-            if path not in mapping:
-                target = dest / Path(path).name
-                if not target.exists():
-                    shutil.copyfile(path, target)
-                mapping[path] = f"images/{target.name}"
-    return mapping
+def export_version(exporter: str, version: str, records: Mapping[str, list[Record]],
+                   context: Mapping[str, Any]) -> str:
+    """Content hash of what an export holds, known before a file is written (a dataset card
+    quotes it): the exporter and its version, the card context, and every record with its
+    images by file name, which is the image's content hash. No local path enters it, so the
+    same data built in two folders or on two machines has one version."""
+    recs = {fmt: [{"id": r.id, "format": r.format, "messages": r.messages, "meta": r.meta,
+                   "images": [Path(p).name for p in r.images]} for r in rs] for fmt, rs in records.items()}
+    return doc_version({"exporter": exporter, "version": version, "context": context, "records": recs})
 
 
-def write_jsonl(path: Path, rows: Iterable[Mapping[str, Any]]) -> int:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    n = 0
-    with path.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            n += 1
-    return n
-
-
-def licence_counts(records: list[Record]) -> list[dict[str, Any]]:
-    counts = Counter((r.meta.get("source"), r.meta.get("license")) for r in records)
-    return [{"source": s, "license": lic, "rows": n, "non_commercial": is_non_commercial(str(lic))}
-            for (s, lic), n in sorted(counts.items(), key=lambda kv: (str(kv[0][0]), str(kv[0][1])))]
+__all__ = [
+    "IMAGE_TAG",
+    "NON_COMMERCIAL",
+    "Encoder",
+    "ExportFilter",
+    "Record",
+    "Rejected",
+    "apply_filter",
+    "copy_images",
+    "export_version",
+    "is_non_commercial",
+    "licence_counts",
+    "preflight",
+    "relative_to",
+    "role_order_error",
+    "structural_errors",
+    "to_record",
+    "token_errors",
+    "without_local_paths",
+    "write_jsonl",
+]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,29 +42,59 @@ class Ingested:
     counts: dict[str, int] = field(default_factory=dict)
 
 
+class SourceFailed(RuntimeError):
+    """The source's reader cannot go on (missing file, broken document, a reader that raised).
+
+    Raised, never quarantined: a source that stops part way would otherwise lose every later
+    row without a word.
+    """
+
+
 # ---------------------------------------------------------------------------- ingest
 
 
 def ingest(source: Source, source_name: str, media: MediaStore, limits: ImageLimits) -> Ingested:
-    """Read every row of ``source``; store its images; quarantine what cannot be used."""
+    """Read every row of ``source``; store its images; quarantine what cannot be used.
+
+    Each row that cannot be used, whatever it raises, becomes that row's quarantine entry
+    and the next row is read; :class:`SourceFailed` when the reader itself breaks.
+    """
     good: list[dict[str, Any]] = []
     bad: list[dict[str, Any]] = []
     seen_images: dict[Any, dict[str, Any]] = {}
-    try:
-        rows: Iterable[SourceRow | BadRow] = source.read()
-        for row in rows:
-            if isinstance(row, BadRow):
-                bad.append(_quarantine(source_name, row.row_id, "bad_row", row.reason, row.raw))
-                continue
-            try:
-                good.append(_sample(source, source_name, row, media, limits, seen_images))
-            except RowError as exc:
-                bad.append(_quarantine(source_name, row.row_id, exc.reason, str(exc), _raw(row)))
-    except Exception as exc:  # the reader itself broke: keep what was read, say why
-        bad.append(_quarantine(source_name, "*", "source_failed", f"{type(exc).__name__}: {exc}", ""))
+    read = 0  # counted apart from the two lists, so the accounting check can catch a lost row
+    for row in _rows(source, source_name):
+        read += 1
+        if isinstance(row, BadRow):
+            bad.append(_quarantine(source_name, row.row_id, "bad_row", row.reason, row.raw))
+            continue
+        try:
+            good.append(_sample(source, source_name, row, media, limits, seen_images))
+        except RowError as exc:
+            bad.append(_quarantine(source_name, row.row_id, exc.reason, str(exc), _raw(row)))
+        except Exception as exc:  # any other fault of one row is that row's, not the source's
+            bad.append(_quarantine(source_name, row.row_id, "unusable_row", f"{type(exc).__name__}: {exc}",
+                                   _raw(row)))
     samples = pl.DataFrame(good, schema=records.FOUNDATION_COLUMNS) if good else _empty_foundation()
     quarantine = pl.DataFrame(bad, schema=records.QUARANTINE_SCHEMA) if bad else records.empty_quarantine()
-    return Ingested(samples, quarantine, {"read": len(good) + len(bad), "ok": len(good), "quarantined": len(bad)})
+    return Ingested(samples, quarantine, {"read": read, "ok": len(good), "quarantined": len(bad)})
+
+
+def _rows(source: Source, source_name: str) -> Iterator[SourceRow | BadRow]:
+    """The reader's rows; anything it yields that is not a row is a BadRow of its own."""
+    n = 0
+    try:
+        for row in source.read():
+            n += 1
+            if isinstance(row, (SourceRow, BadRow)):
+                yield row
+            else:
+                yield BadRow(f"item {n}", f"the reader yielded a {type(row).__name__}, not a row",
+                             repr(row)[:200])
+    except Exception as exc:
+        where = "cannot be read" if n == 0 else f"stopped after {n} row{'' if n == 1 else 's'}"
+        raise SourceFailed(f"source {source_name!r} ({source.name}) {where}: "
+                           f"{type(exc).__name__}: {exc}") from exc
 
 
 class RowError(ValueError):
@@ -77,14 +107,36 @@ def _empty_foundation() -> pl.DataFrame:
     return pl.DataFrame(schema=records.FOUNDATION_COLUMNS)
 
 
-def _quarantine(source: str, row_id: str, reason: str, detail: str, raw: str) -> dict[str, Any]:
-    return {"source": source, "source_row_id": row_id, "stage": "foundation",
-            "reason": reason, "detail": detail, "raw": raw[:10_000]}
+def _quarantine(source: str, row_id: Any, reason: str, detail: Any, raw: Any) -> dict[str, Any]:
+    # str(): a third-party BadRow may carry anything; safe_text: the entry itself must be storable
+    return {"source": source, "source_row_id": safe_text(str(row_id)), "stage": "foundation",
+            "reason": reason, "detail": safe_text(str(detail)), "raw": safe_text(str(raw)[:10_000])}
+
+
+def safe_text(text: str) -> str:
+    """``text`` with lone surrogates written as ``\\udXXX`` escapes: storable as UTF-8."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _raw(row: SourceRow) -> str:
-    return json.dumps({"question": row.question, "answer": row.answer, "subset": row.subset,
-                       "images": [i.path for i in row.images]}, ensure_ascii=False)
+    try:
+        return json.dumps({"question": row.question, "answer": row.answer, "subset": row.subset,
+                           "images": [i.path for i in row.images]}, ensure_ascii=False, default=repr)
+    except Exception:  # a row odd enough to fail here is still quarantined, with what repr shows
+        return repr(row)[:2000]
+
+
+def _check_text(sample: dict[str, Any]) -> None:
+    """Every text of the sample must be storable as UTF-8 (Parquet refuses lone surrogates)."""
+    for key, value in sample.items():
+        texts = value if isinstance(value, list) else [value]
+        for text in texts:
+            if isinstance(text, str):
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError as exc:
+                    raise RowError("invalid_text", f"{key!r} is not valid UTF-8 text: lone surrogate "
+                                   f"U+{ord(text[exc.start]):04X} at position {exc.start}") from None
 
 
 def _sample(source: Source, source_name: str, row: SourceRow, media: MediaStore,
@@ -94,16 +146,15 @@ def _sample(source: Source, source_name: str, row: SourceRow, media: MediaStore,
         raise RowError("empty_question", "the question is empty")
     if not str(row.answer or "").strip():
         raise RowError("empty_answer", "the gold answer is empty")
-    images = [_store_image(source, img, media, limits, seen) for img in row.images]
-    return {
-        "sample_id": records.sample_id(source_name, row.row_id, question),
+    sample = {
+        "sample_id": "",
         "source": source_name,
         "dataset": source.dataset or source.name,
         "subset": row.subset or "",
         "source_row_id": str(row.row_id),
         "license": row.license or source.row_license(),
-        "images": images,
-        "image_key": images[0]["sha256"] if images else "",
+        "images": [],
+        "image_key": "",
         "question": question,
         "choices": [str(c) for c in row.choices],
         "answer": str(row.answer).strip(),
@@ -113,6 +164,11 @@ def _sample(source: Source, source_name: str, row: SourceRow, media: MediaStore,
         "meta": json.dumps(row.meta, ensure_ascii=False, sort_keys=True, default=str),
         "shard": None,
     }
+    _check_text(sample)  # before any image is stored for a row that cannot be kept
+    images = [_store_image(source, img, media, limits, seen) for img in row.images]
+    sample.update(sample_id=records.sample_id(source_name, row.row_id, question), images=images,
+                  image_key=images[0]["sha256"] if images else "")
+    return sample
 
 
 def _store_image(source: Source, img: ImageInput, media: MediaStore, limits: ImageLimits,
@@ -202,24 +258,63 @@ def quota_rank(seed: int, ids: Iterable[str]) -> list[str]:
     return [hashlib.sha256(f"{seed}:{i}".encode()).hexdigest() for i in ids]
 
 
+def duplicate_count(df: pl.DataFrame) -> int:
+    """Rows :func:`dedup` drops, counted on their own (not as a difference of heights)."""
+    if df.is_empty():
+        return 0
+    first = pl.struct(pl.col("image_key"), normalised_question()).is_first_distinct()
+    return int(df.select((~first).sum()).item())
+
+
 def sample_quota(df: pl.DataFrame, quota: int | Mapping[str, int] | None, seed: int) -> pl.DataFrame:
     """Keep at most ``quota`` rows per subset, chosen by a seeded hash (stable across reruns)."""
+    return _quota(df, quota, seed)[0]
+
+
+def _quota(df: pl.DataFrame, quota: int | Mapping[str, int] | None, seed: int) -> tuple[pl.DataFrame, int]:
+    """The rows :func:`sample_quota` keeps, and how many it drops."""
     if quota is None or df.is_empty():
-        return df
+        return df, 0
     ranked = df.with_columns(_rank=pl.Series(quota_rank(seed, df["sample_id"].to_list())))
     if isinstance(quota, int):
         limit = pl.lit(quota)
     else:
         limit = pl.col("subset").replace_strict(dict(quota), default=None, return_dtype=pl.Int64)
     keep = (pl.col("_rank").rank("ordinal").over("subset") <= limit) | limit.is_null()
-    return ranked.filter(keep).drop("_rank")
+    marked = ranked.with_columns(_keep=keep)
+    over = int(marked.select((~pl.col("_keep")).sum()).item())
+    return marked.filter(pl.col("_keep")).drop("_rank", "_keep"), over
+
+
+@dataclass
+class Prepared:
+    """A source's rows after Foundation's per-source steps, and what each step dropped."""
+
+    samples: pl.DataFrame
+    duplicates: int = 0
+    over_quota: int = 0
+
+
+def prepare_source_counted(df: pl.DataFrame, quota: int | Mapping[str, int] | None, seed: int,
+                           n_shards: int) -> Prepared:
+    """Per-source Foundation: normalise, dedup, quota, shard, counting what is dropped."""
+    normalised = normalise(df).collect()
+    out = assign_shards(dedup(normalised), n_shards).collect()
+    kept, over = _quota(out, quota, seed)
+    return Prepared(kept, duplicate_count(normalised), over)
 
 
 def prepare_source(df: pl.DataFrame, quota: int | Mapping[str, int] | None, seed: int,
                    n_shards: int) -> pl.DataFrame:
     """Per-source Foundation: normalise, dedup, quota, shard (all rows stay in order)."""
-    out = assign_shards(dedup(normalise(df)), n_shards).collect()
-    return sample_quota(out, quota, seed)
+    return prepare_source_counted(df, quota, seed, n_shards).samples
+
+
+def row_accounting(ing: Ingested, prepared: Prepared) -> dict[str, int]:
+    """Every term of rows read = kept + quarantined + dropped duplicates + dropped by quota."""
+    return {"rows_read": ing.counts["read"], "rows_kept": prepared.samples.height,
+            "rows_quarantined": ing.quarantine.height, "rows_dropped_duplicate": prepared.duplicates,
+            "rows_dropped_by_quota": prepared.over_quota}
 
 
 def foundation_shard(frames: Iterable[pl.DataFrame], shard: int) -> pl.DataFrame:
