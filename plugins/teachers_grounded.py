@@ -14,7 +14,7 @@ import json
 import re
 from typing import Any
 
-from mmat_assets.contracts import Teacher, TeacherError, TeacherReply, TeacherRequest
+from mmat_assets.contracts import StepContext, StepSoFar, Teacher, TeacherError, TeacherReply, TeacherRequest
 from mmat_assets.hookspecs import Register, hookimpl
 
 TEXT_SUBSETS = re.compile(r"tab|chart|doc|text|infographic|infovqa|ocr|dvqa|st.?vqa|plot|figure|table|wiki|screen|receipt", re.I)
@@ -46,16 +46,17 @@ class GroundedTeacher(Teacher):
     version = "1.0.0"
     model = "grounded-1"
     description = "Deterministic teacher: gold rationale + the tools the image needs (no model, no key)."
+    request_kinds = frozenset({"step"})  # works from the step context: it cannot judge or caption
 
     def complete(self, request: TeacherRequest) -> TeacherReply:
         if request.kind != "step":
             raise TeacherError("unsupported", f"the grounded teacher writes steps only, not {request.kind!r}")
-        step = self.next_step(request.context)
+        step = self.next_step(request.step_context())
         return TeacherReply(json.dumps(step, ensure_ascii=False), model=self.model)
 
     # ----------------------------------------------------------------- planning
 
-    def tools_for(self, ctx: dict[str, Any]) -> tuple[list[str], str | None]:
+    def tools_for(self, ctx: StepContext) -> tuple[list[str], str | None]:
         """The operators the image needs, and a RAG query when the question asks for knowledge."""
         question, available = ctx["question"], set(ctx["tools"])
         wanted = []
@@ -69,7 +70,7 @@ class GroundedTeacher(Teacher):
             rag = re.sub(r"\s+", " ", question.strip().rstrip("?"))
         return wanted, rag
 
-    def next_step(self, ctx: dict[str, Any]) -> dict[str, Any]:
+    def next_step(self, ctx: StepContext) -> dict[str, Any]:
         done = ctx["steps"]
         tools, rag = self.tools_for(ctx)
         if not done and (tools or rag):
@@ -96,7 +97,7 @@ class GroundedTeacher(Teacher):
                 "next_action": "final_answer" if final else "continue", "grounding": grounding}
 
     @staticmethod
-    def _opening(ctx: dict[str, Any], tools: list[str], rag: str | None) -> str:
+    def _opening(ctx: StepContext, tools: list[str], rag: str | None) -> str:
         parts = []
         if "ocr" in tools:
             what = "a table" if ctx["dataset"] == "tabmwp" else "text"
@@ -108,7 +109,7 @@ class GroundedTeacher(Teacher):
         return " ".join(parts)
 
     @staticmethod
-    def _observations(done: list[dict[str, Any]]) -> str:
+    def _observations(done: list[StepSoFar]) -> str:
         seen = []
         for step in done:
             for r in step["results"]:
@@ -121,7 +122,7 @@ class GroundedTeacher(Teacher):
         return " ".join(seen) + (" " if seen else "")
 
     @staticmethod
-    def _regions(ctx: dict[str, Any]) -> str:
+    def _regions(ctx: StepContext) -> str:
         regions = (ctx.get("meta") or {}).get("regions")
         return f"The key region for this question is at {regions[0]}." if regions else ""
 

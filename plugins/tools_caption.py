@@ -23,8 +23,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from mmat_assets.contracts import Availability, TeacherError, TeacherRequest, Tool, ToolResult
-from mmat_assets.engine.tools import file_sha256, open_rgb
 from mmat_assets.hookspecs import Register, hookimpl
+from mmat_assets.toolkit.images import file_sha256, open_rgb
 
 #: Part of every request's cache key: bump it when a prompt changes.
 PROMPT_VERSION = "image_caption/1"
@@ -78,6 +78,7 @@ class CaptionTool(Tool):
     )
     Options = CaptionOptions
     options: CaptionOptions
+    probe_args = {"question": "What does the image show?"}
 
     def __init__(self, options: Any = None) -> None:
         super().__init__(options)

@@ -15,9 +15,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from mmat_assets.contracts import Availability, Tool, ToolResult
-from mmat_assets.engine.tools import open_rgb
+from mmat_assets.contracts import CLAIM_VERBS, Availability, Tool, ToolResult
 from mmat_assets.hookspecs import Register, hookimpl
+from mmat_assets.toolkit.images import open_rgb
 
 #: Images smaller than this on either side hold no detectable face; skip the detector.
 MIN_SIDE = 16
@@ -43,6 +43,7 @@ class FaceDetectionTool(Tool):
     )
     Options = FaceOptions
     options: FaceOptions
+    claim_patterns = (r"\bfaces? (?:detected|found)\b", rf"\bface detection {CLAIM_VERBS}\b")
 
     def availability(self) -> Availability:
         if importlib.util.find_spec("yuface") is None:

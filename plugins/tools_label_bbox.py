@@ -19,9 +19,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from mmat_assets.contracts import Availability, Tool, ToolResult
-from mmat_assets.engine.tools import open_rgb
+from mmat_assets.contracts import CLAIM_VERBS, Availability, Tool, ToolResult
 from mmat_assets.hookspecs import Register, hookimpl
+from mmat_assets.toolkit.images import open_rgb
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
@@ -56,6 +56,8 @@ class LabelBboxTool(Tool):
     )
     Options = LabelBboxOptions
     options: LabelBboxOptions
+    probe_args = {"objects": ["person", "flag"]}
+    claim_patterns = (rf"\b(?:detector|label_bbox) {CLAIM_VERBS}\b",)
 
     def __init__(self, options: Any = None) -> None:
         super().__init__(options)

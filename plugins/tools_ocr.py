@@ -18,9 +18,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from mmat_assets.contracts import Availability, Tool, ToolResult
-from mmat_assets.engine.tools import open_rgb
+from mmat_assets.contracts import CLAIM_VERBS, Availability, Tool, ToolResult
 from mmat_assets.hookspecs import Register, hookimpl
+from mmat_assets.toolkit.images import open_rgb
 
 
 class OcrOptions(BaseModel):
@@ -52,6 +52,7 @@ class OcrTool(Tool):
     )
     Options = OcrOptions
     options: OcrOptions
+    claim_patterns = (rf"\bOCR {CLAIM_VERBS}\b",)
 
     def __init__(self, options: Any = None) -> None:
         super().__init__(options)

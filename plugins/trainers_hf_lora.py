@@ -10,18 +10,22 @@ Reads ``train.jsonl`` from an export (``{"messages": [...], "images": [...]}`` p
 relative image paths resolved against the export folder) and writes the LoRA adapter, the
 processor and ``training_meta.json`` under ``out_dir``. Works the same for RR (multi-turn)
 and ORR (one-turn) records.
+
+The trainer also runs its students for the host (:mod:`mmat_plugins._hf_student` does the
+work): it builds the offline student (:meth:`HFLoRATrainer.base_student`), encodes records
+for the export's pre-flight exactly as training will (:meth:`~HFLoRATrainer.encoder`), and
+answers evaluation prompts with the base or the tuned model (:meth:`~HFLoRATrainer.responder`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
 import random
 import resource
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,13 +33,17 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from mmat_assets.contracts import Availability, Trainer
+from mmat_assets.contracts import Availability, Responder, Trainer
 from mmat_assets.hookspecs import Register, hookimpl
+from mmat_assets.toolkit.export import Record
+from mmat_assets.toolkit.images import file_sha256
+
+from . import _hf_student as st
+from ._hf_student import IGNORE
 
 log = logging.getLogger("mmat.train")
 
 TRAIN_FILE = "train.jsonl"
-IGNORE = -100  # label value the loss skips (torch's cross-entropy default)
 ADAPTER_DIR = "adapter"
 META_FILE = "training_meta.json"
 
@@ -102,6 +110,37 @@ class HFLoRATrainer(Trainer):
             return Availability(False, f"missing packages: {', '.join(missing)} (pip install -r requirements/train.txt)")
         return Availability(True)
 
+    # -------------------------------------------------------------------- students
+
+    def base_student(self, student: str, out_dir: Path) -> Path | None:
+        """Build the offline student (``student == "offline"``) into ``out_dir`` once; any
+        other student is a model folder or hub id used as it is (None)."""
+        if student != st.OFFLINE:
+            return None
+        return st.build_offline_student(out_dir, self.options.image_size, self.options.seed)
+
+    def encoder(self, student: str, max_length: int) -> Callable[[Record], Mapping[str, Any]] | None:
+        """Encode a record through ``student``'s chat template and processor (no weights
+        loaded), with the diagnostics :func:`~mmat_plugins._hf_student.encode_record` gives."""
+        from transformers import AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(student, trust_remote_code=self.options.trust_remote_code)
+
+        def encode(rec: Record) -> Mapping[str, Any]:
+            return st.encode_record(processor, {"messages": rec.messages, "images": rec.images}, max_length)
+
+        return encode
+
+    def responder(self, student: str, checkpoint: Path | None, max_new_tokens: int) -> Responder:
+        """Greedy replies of ``student``, or of it with the LoRA adapter at ``checkpoint``."""
+        if checkpoint is not None:
+            model, processor = st.load_tuned_student(checkpoint)
+        else:
+            model, processor = st.load_student(student)
+        model.eval()
+        return lambda messages, images: st.generate(model, processor, messages, images,
+                                                    max_new_tokens=max_new_tokens)
+
     # ----------------------------------------------------------------------- train
 
     def train(self, export_dir: Path, out_dir: Path) -> dict[str, Any]:
@@ -136,8 +175,6 @@ class HFLoRATrainer(Trainer):
         return bool(self.options.bf16) if self.options.bf16 is not None else device.startswith("cuda")
 
     def _student_path(self) -> str:
-        from mmat_assets.engine import student as st
-
         if self.options.student != st.OFFLINE:
             local = self.resolve_path(self.options.student)
             return str(local) if local.exists() else self.options.student  # else a hub id
@@ -152,12 +189,10 @@ class HFLoRATrainer(Trainer):
         import torch
         from peft import LoraConfig, get_peft_model
 
-        from mmat_assets.engine.student import load_student
-
         # With bf16 the frozen base is held in bf16 (half the memory); peft keeps the LoRA
         # weights in float32, and autocast runs the matmuls in bf16.
         dtype = torch.bfloat16 if self._use_bf16(device) else None
-        model, processor = load_student(student, trust_remote_code=self.options.trust_remote_code, dtype=dtype)
+        model, processor = st.load_student(student, trust_remote_code=self.options.trust_remote_code, dtype=dtype)
         config = LoraConfig(r=self.options.lora_r, lora_alpha=self.options.lora_alpha,
                             lora_dropout=self.options.lora_dropout, bias="none",
                             target_modules=language_model_targets(model, self.options.target_modules))
@@ -205,11 +240,9 @@ class HFLoRATrainer(Trainer):
                 yield order[i: i + self.options.batch_size]
 
     def _encode(self, processor: Any, line: int, record: dict[str, Any], root: Path, state: LoopState) -> dict[str, Any]:
-        from mmat_assets.engine.student import encode_record
-
         name = f"{TRAIN_FILE} line {line}" + (f" (id {record['id']})" if record.get("id") else "")
         try:
-            enc = encode_record(processor, record, self.options.max_length, image_root=root)
+            enc = st.encode_record(processor, record, self.options.max_length, image_root=root)
         except Exception as exc:
             raise RecordError(f"{name}: cannot be encoded: {type(exc).__name__}: {exc}") from exc
         problem = refusal(enc, self.options.allow_truncation)
@@ -350,13 +383,11 @@ def collate(encoded: list[dict[str, Any]], pad: int, device: str) -> dict[str, A
     """Right-pad a batch of encoded records; image tensors are concatenated along images."""
     import torch
 
-    from mmat_assets.engine.student import DIAGNOSTIC_KEYS
-
     width = max(int(e["input_ids"].numel()) for e in encoded)
     fill = {"input_ids": pad, "attention_mask": 0, "labels": IGNORE}
     batch = {k: torch.stack([_pad(e[k], width, v) for e in encoded]) for k, v in fill.items()}
     # Records without images carry no image tensors: concatenate what those with images have.
-    keys = {k for e in encoded for k, v in e.items() if isinstance(v, torch.Tensor)} - set(fill) - set(DIAGNOSTIC_KEYS)
+    keys = {k for e in encoded for k, v in e.items() if isinstance(v, torch.Tensor)} - set(fill) - set(st.DIAGNOSTIC_KEYS)
     for key in sorted(keys):
         batch[key] = torch.cat([e[key] for e in encoded if key in e])
     return {k: v.to(device) for k, v in batch.items()}
@@ -366,14 +397,6 @@ def _pad(t: Any, width: int, value: int) -> Any:
     import torch
 
     return torch.cat([t, torch.full((width - t.numel(),), value, dtype=t.dtype)])
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def peak_memory_mb(device: str) -> float:
@@ -416,10 +439,8 @@ def _seed_everything(seed: int) -> None:
 def _code_version() -> dict[str, str]:
     import importlib.metadata as md
 
-    from mmat_assets import __version__
-
-    versions = {"mmat": __version__}
-    for dist in ("torch", "transformers", "peft"):
+    versions: dict[str, str] = {}
+    for dist in ("mmat", "torch", "transformers", "peft"):
         try:
             versions[dist] = md.version(dist)
         except md.PackageNotFoundError:

@@ -11,7 +11,7 @@ import polars as pl
 from PIL import Image
 
 from mmat_assets import records
-from mmat_assets.contracts import Teacher, TeacherError, TeacherReply, TeacherRequest, Tool, ToolResult
+from mmat_assets.contracts import CLAIM_VERBS, Teacher, TeacherError, TeacherReply, TeacherRequest, Tool, ToolResult
 from mmat_assets.engine.cache import ResultCache
 from mmat_assets.engine.rationale import Environment, StageSettings
 
@@ -42,10 +42,12 @@ class ScriptedTeacher(Teacher):
 
 
 class EchoTool(Tool):
-    """A tool that returns fixed text (or raises), for structure tests."""
+    """A tool that returns fixed text (or raises), for structure tests; it stands in for
+    OCR, claim phrasing included."""
 
     name = "ocr"
     version = "test"
+    claim_patterns = (rf"\bOCR {CLAIM_VERBS}\b",)
 
     def __init__(self, text: str = "a | 12\nb | 5", fail: bool = False) -> None:
         super().__init__()

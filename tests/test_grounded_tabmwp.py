@@ -19,6 +19,7 @@ from mmat_assets.engine.cache import ResultCache
 from mmat_assets.engine.foundation import ingest, prepare_source
 from mmat_assets.engine.images import ImageLimits
 from mmat_assets.engine.rationale import Environment, StageSettings
+from mmat_assets.engine.reflection import Declarations
 from mmat_assets.media import MediaStore
 from mmat_assets.plugins import load_registry
 
@@ -37,7 +38,8 @@ def tabmwp_run(tabmwp_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     cache = lambda ns: ResultCache(None, ns, 0, work_dir=tmp / "cache")  # noqa: E731
     tools = {"ocr": reg.create("tool", "ocr")}
     env = Environment(reg.create("teacher", "grounded"), "grounded", tools, None, cache("tools"),
-                      cache("retrieval"), cache("teacher"), media.local_path, StageSettings())
+                      cache("retrieval"), cache("teacher"), media.local_path, StageSettings(),
+                      declarations=Declarations.from_registry(reg))
     ref = stages.run_reflections(stages.run_rationales(df, env), env)
     return df, ref
 

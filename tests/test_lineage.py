@@ -154,7 +154,8 @@ def test_a_prefix_shared_across_shards_is_ambiguous_not_the_first_match(tmp_path
 
 
 def test_audit_without_the_rr_tables_is_a_clear_error(tmp_path: Path) -> None:
-    from mmat_assets.engine.lineage import LineageError, audit, tables_for
+    from mmat_assets.engine.audit import audit
+    from mmat_assets.engine.tables import LineageError, tables_for
 
     _stage_table(tmp_path, "foundation_samples", "0", ["abcd1111"])
     ids = tmp_path / "sample_ids.parquet"

@@ -37,7 +37,7 @@ def test_a_clean_dialogue_passes_and_renders_rr_and_orr(tmp_path: Path) -> None:
     assert ref["status"].to_list() == ["ok"] and ref["checks"].to_list() == [[]]
     rr = stages.rr_samples(ref)
     msgs = rr["turns"][0]
-    assert msgs[0]["role"] == "system" and msgs[0]["content"] == stages.RR_SYSTEM
+    assert msgs[0]["role"] == "system" and msgs[0]["content"] == stages.rr_system({})
     t = protocol.parse_rr(msgs)
     assert t.answer == "17" and [s.signal for s in t.steps] == ["continue", "end"]
     assert t.steps[0].results == [protocol.Result("ocr", "a | 12\nb | 5")]

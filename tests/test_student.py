@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from mmat_assets.engine import student as st
+from mmat_plugins import _hf_student as st
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")

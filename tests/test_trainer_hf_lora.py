@@ -11,9 +11,9 @@ from typing import Any
 import dagster as dg
 import pytest
 
-from mmat_assets.engine import student as st
 from mmat_assets.engine.training import run_training_pipes
 from mmat_assets.plugins import load_registry
+from mmat_plugins import _hf_student as st
 from mmat_plugins.trainers_hf_lora import HFLoRATrainer, RecordError
 from tests.test_student import build_test_student, one_torch_thread, student_cache, write_png
 

@@ -62,7 +62,7 @@ def _teachers(cfg: ProjectConfig, registry: Registry) -> dict[str, object]:
     out: dict[str, object] = {}
     for name, entry in cfg.teachers.items():
         try:
-            out[name] = registry.create("teacher", entry.plugin or name, entry.options)
+            out[name] = registry.create("teacher", entry.plugin or name, entry.options, base_dir=cfg.base_dir)
         except Exception:  # a teacher that cannot be created simply offers no captions
             continue
     return out

@@ -1,8 +1,8 @@
 """Retrievers group: one asset per configured retriever, ``retrievers/<name>``.
 
-A retriever with a ``build(workdir)`` method (the LanceDB one) builds its index under the
-storage root at ``retrievers/<name>``; an unchanged corpus, model and options reuse the
-index already there. LanceDB needs a local directory here, so for an ``s3://`` root the
+An index-backed retriever builds its index (``Retriever.build``) under the storage root at
+``retrievers/<name>``; an unchanged corpus, model and options reuse the index already
+there. A remote search builds nothing. LanceDB needs a local directory here, so for an ``s3://`` root the
 index is built in a local directory and the metadata says where. Row count, build time and
 a few probe queries (latency, top titles) are recorded as metadata.
 No `from __future__ import annotations` here: Dagster reads the context annotations.
@@ -62,11 +62,10 @@ def retriever_report(cfg: ProjectConfig, registry: Registry, name: str,
                               "probes": []}
     if retriever is None or not avail.ok:
         return report
-    build = getattr(retriever, "build", None)  # only index-backed retrievers build
-    if callable(build):
-        start = time.perf_counter()
-        report["build"] = build(workdir)
-        report["build"]["wall_s"] = round(time.perf_counter() - start, 2)
+    start = time.perf_counter()
+    built = dict(retriever.build(workdir))
+    if built:  # an index was built (or reused): a remote search reports nothing
+        report["build"] = {**built, "wall_s": round(time.perf_counter() - start, 2)}
     report["probes"] = probe_retriever(retriever)
     return report
 

@@ -16,15 +16,11 @@ from typing import Any
 import dagster as dg
 
 from mmat_assets.config import ComponentConfig, ProjectConfig
+from mmat_assets.contracts import Tool
 from mmat_assets.engine.tools import call_tool, configured_tools
 from mmat_assets.plugins import Registry
 from mmat_assets.versions import doc_version
 
-#: Arguments a probe passes to tools that need some.
-PROBE_ARGS: dict[str, dict[str, Any]] = {
-    "label_bbox": {"objects": ["person", "flag"]},
-    "image_caption": {"question": "What does the image show?"},
-}
 PROBE_TEXT = "Total | 42\nApples | 17"
 
 
@@ -47,11 +43,12 @@ def probe_images(out_dir: Path) -> dict[str, Path]:
     return paths
 
 
-def probe_tool(tool: Any, images: Mapping[str, Path]) -> list[dict[str, Any]]:
-    """Run ``tool`` once per probe image (no cache); what it said, how fast, any error."""
+def probe_tool(tool: Tool, images: Mapping[str, Path]) -> list[dict[str, Any]]:
+    """Run ``tool`` once per probe image (no cache), with the arguments it declares for
+    probes (``Tool.probe_args``); what it said, how fast, any error."""
     rows = []
     for label, path in images.items():
-        call = call_tool(tool, path, None, PROBE_ARGS.get(tool.name, {}), cache=None)
+        call = call_tool(tool, path, None, dict(tool.probe_args), cache=None)
         rows.append({"image": label, "latency_s": round(call.latency_s, 4),
                      "text": call.text[:300], "error": call.error})
     return rows

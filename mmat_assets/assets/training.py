@@ -9,6 +9,7 @@ No `from __future__ import annotations` here: Dagster reads the context annotati
 """
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,9 @@ import dagster as dg
 
 from mmat_assets import __version__
 from mmat_assets.assets._shared import tool_keys
-from mmat_assets.assets.export import SAMPLE_IDS
+from mmat_assets.assets.export import SAMPLE_IDS, configured_trainer
 from mmat_assets.config import ProjectConfig
+from mmat_assets.contracts import Trainer
 from mmat_assets.engine import evaluate as ev
 from mmat_assets.engine.tools import available_tools
 from mmat_assets.plugins import Registry
@@ -33,19 +35,19 @@ def _local(storage: StorageResource, *parts: str) -> Path:
     return Path(p.path) if p.protocol in ("", "file", "local") else Path(".mmat-local", *parts).resolve()
 
 
-def student_asset(cfg: ProjectConfig) -> dg.AssetsDefinition:
+def student_asset(cfg: ProjectConfig, registry: Registry) -> dg.AssetsDefinition:
     @dg.asset(group_name=TRAIN_GROUP, io_manager_key="json_io_manager", code_version="1", kinds={"pytorch"})
     def student_base(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.Output[dict[str, Any]]:
-        """The student before tuning: the offline LLaVA-style model (SmolLM2-135M-Instruct
-        language model + a small vision tower, built locally once), or a hub id / local path."""
-        if cfg.export.student != "offline":
+        """The student before tuning: one the trainer builds locally once (``hf_lora``'s
+        offline LLaVA-style model: SmolLM2-135M-Instruct + a small vision tower), or a hub
+        id / local path used as it is."""
+        trainer = configured_trainer(cfg, registry)
+        path = trainer.base_student(cfg.export.student, _local(storage, "models", "student-base"))
+        if path is None:
             out = {"path": cfg.export.student, "built": False}
             local = Path(cfg.export.student)
             version = tree_version(local) if local.is_dir() else doc_version(out)
             return dg.Output(out, data_version=dg.DataVersion(version))
-        from mmat_assets.engine.student import build_offline_student
-
-        path = build_offline_student(_local(storage, "models", "student-base"))
         return dg.Output({"path": str(path), "built": True}, data_version=dg.DataVersion(tree_version(path)),
                          metadata={"path": dg.MetadataValue.path(str(path))})
 
@@ -71,7 +73,8 @@ def tuned_asset(cfg: ProjectConfig, registry: Registry) -> dg.AssetsDefinition:
         _link_train_file(Path(files[t.data]), train_dir / "train.jsonl")
         options = {"student": student["path"], **t.options}
         out_dir = _local(storage, "models", "tuned")
-        reported = run_training_pipes(context, t.trainer, options, str(train_dir), str(out_dir)).get_materialize_result()
+        reported = run_training_pipes(context, t.trainer, options, str(train_dir), str(out_dir),
+                                      base_dir=cfg.base_dir).get_materialize_result()
         metrics = {k: getattr(v, "value", v) for k, v in (reported.metadata or {}).items()}
         meta = {"checkpoint": str(out_dir), **metrics, "model_dir": str(out_dir), "export": "/".join(export_key),
                 "export_data_version": export["data_version"], "data": t.data, "trainer": t.trainer,
@@ -91,21 +94,24 @@ def tuned_asset(cfg: ProjectConfig, registry: Registry) -> dg.AssetsDefinition:
 
 
 def _link_train_file(src: Path, dst: Path) -> None:
-    """The trainer reads ``train.jsonl``; absolute image paths (ms-swift export) need no copy."""
+    """The trainer reads ``train.jsonl`` beside the images its relative paths name: the
+    export's ``images`` folder is linked in, not copied."""
     if dst.exists() or dst.is_symlink():
         dst.unlink()
     dst.write_bytes(src.read_bytes())
+    images = dst.parent / "images"
+    if images.is_symlink() or images.is_file():
+        images.unlink()
+    elif images.is_dir():
+        shutil.rmtree(images)
+    images.symlink_to((src.parent / "images").resolve(), target_is_directory=True)
 
 
-def _responder(student: dict[str, Any], tuned: dict[str, Any] | None, max_new_tokens: int) -> ev.Responder:
-    from mmat_assets.engine.student import generate, load_student, load_tuned_student
-
-    if tuned is not None:
-        model, processor = load_tuned_student(Path(tuned["checkpoint"]))
-    else:
-        model, processor = load_student(student["path"])
-    model.eval()
-    return lambda msgs, images: generate(model, processor, msgs, images, max_new_tokens=max_new_tokens)
+def _responder(trainer: Trainer, student: dict[str, Any], tuned: dict[str, Any] | None,
+               max_new_tokens: int) -> ev.Responder:
+    """The base student (or the tuned one), run by the trainer that trains it."""
+    checkpoint = Path(tuned["checkpoint"]) if tuned is not None else None
+    return trainer.responder(student["path"], checkpoint, max_new_tokens)
 
 
 def _training_ids(export: dict[str, Any] | None) -> set[str]:
@@ -134,15 +140,15 @@ def eval_asset(cfg: ProjectConfig, registry: Registry, model: str, bench: str, m
               description=f"The {model} student on {bench!r} in {mode} mode (tools in the loop for orr/rr).")
     def _asset(context: dg.AssetExecutionContext, storage: StorageResource, **inputs: Any) -> dg.Output[dict[str, Any]]:
         e = cfg.evaluation
-        benchmark = registry.create("benchmark", plugin, entry.options)
-        benchmark.base_dir = cfg.base_dir
+        benchmark = registry.create("benchmark", plugin, entry.options, base_dir=cfg.base_dir)
         items = list(benchmark.items())
         if e.exclude_training_rows:
             seen = _training_ids(_export_manifest(storage, cfg))
             items = [i for i in items if i.item_id not in seen]
         items = items[: e.limit] if e.limit else items
         harness = ev.Harness(available_tools(registry, cfg), None, tuple(e.orr_tools), e.max_steps)
-        respond = _responder(inputs["student"], inputs.get("tuned"), e.max_new_tokens)
+        respond = _responder(configured_trainer(cfg, registry), inputs["student"], inputs.get("tuned"),
+                             e.max_new_tokens)
         results = ev.evaluate(respond, benchmark, items, mode, harness, _local(storage, "eval", "images"),
                               lambda n: context.log.info(f"{model}/{bench}/{mode}: {n}/{len(items)}") if n % 5 == 0 else None)
         summary = {"model": model, "benchmark": bench, "mode": mode, **ev.summary(results)}
@@ -155,10 +161,9 @@ def eval_asset(cfg: ProjectConfig, registry: Registry, model: str, bench: str, m
 
 
 def _export_manifest(storage: StorageResource, cfg: ProjectConfig) -> dict[str, Any] | None:
-    from mmat_assets.assets.export import export_dir
+    from mmat_assets.assets.export import export_dir, read_manifest
 
-    path = export_dir(storage, cfg.training.exporter) / "manifest.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    return read_manifest(export_dir(storage, cfg.training.exporter))
 
 
 def report_asset(cfg: ProjectConfig, keys: list[list[str]]) -> dg.AssetsDefinition:
@@ -188,7 +193,7 @@ def report_asset(cfg: ProjectConfig, keys: list[list[str]]) -> dg.AssetsDefiniti
 def build(cfg: ProjectConfig, registry: Registry) -> list[dg.AssetsDefinition]:
     if not cfg.sources:
         return []
-    assets = [student_asset(cfg), tuned_asset(cfg, registry)]
+    assets = [student_asset(cfg, registry), tuned_asset(cfg, registry)]
     keys = []
     for bench in cfg.evaluation.benchmarks:
         for model in MODELS:

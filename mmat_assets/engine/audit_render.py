@@ -1,31 +1,9 @@
 """Render one audit of an export or a tuned model: rich text, JSON, or one HTML file.
 
-The renderers are pure: they take the audit dict the collector builds and print or
-return a report; nothing here reads storage. The dict is the contract between the two
-(every key is present; lists and mappings may be empty)::
-
-    target    {"kind": "model" | "export", "name": str, "path": str}
-    export    {"name": str, "asset": str, "data_version": str,
-               "rows": {format: int}, "rejected": int, "path": str}
-    model     {"checkpoint": str, "trainer": str, "student": str, "steps": int,
-               "training_config": dict, "code_version": str}
-              or None when the target is an export
-    shards    [{"shard": str, "rows": int, "data_versions": {asset: version}}]
-    sources   [{"source": str, "dataset": str, "subsets": [str], "license": str,
-                "rows": int, "non_commercial": bool}]
-    teachers  [{"teacher": str, "model": str, "prompt_versions": [str], "calls": int,
-                "cached_calls": int, "prompt_tokens": int, "completion_tokens": int,
-                "cost_usd": float}]
-    tools     [{"tool": str, "versions": [str], "calls": int, "errors": int}]
-    totals    {"rows", "prompt_tokens", "completion_tokens", "tokens", "cost_usd",
-               "teacher_calls", "tool_calls"}
-    rates     {"reflection_rate": float, "failure_rate": float}   fractions 0..1
-    funnel    {stage: rows}, in pipeline order; the first stage is what was read
-    failures  {"stage:reason": samples}
-    steps_per_sample     {steps: samples}, steps as a string ("2", "3", ...)
-    tool_calls_per_tool  {tool: calls}
-
-A number that is None (unknown, e.g. the cost of an unpriced model) shows as "—".
+The renderers are pure: they take the :class:`~mmat_assets.engine.audit.Audit` the
+collector builds (every key present, lists and mappings possibly empty; the model is None
+for an export) and print or return a report; nothing here reads storage. A number that is
+None (unknown, e.g. the cost of an unpriced model) shows as "—".
 """
 
 from __future__ import annotations
@@ -34,13 +12,13 @@ import html
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from mmat_assets.engine.audit import Audit
 from mmat_assets.engine.charts import (
     SVG_NS,
     bar_chart_svg,
@@ -49,7 +27,6 @@ from mmat_assets.engine.charts import (
     funnel_svg,
 )
 
-Audit = Mapping[str, Any]
 FLAG = "NON-COMMERCIAL"
 TEXT_ORDER = (
     "shards", "sources", "teachers", "tools", "totals", "rates", "funnel", "failures",

@@ -8,7 +8,8 @@
   "Please make a reflection." on ``reflection`` and the summary request on ``end`` (or at
   the step cap); the reply to the summary is scored.
 
-The model is any ``Responder``: ``(messages, image paths) -> text``.
+The model is any :data:`~mmat_assets.contracts.Responder`: ``(messages, image paths) -> text``,
+which the configured trainer provides for its base and tuned students.
 """
 
 from __future__ import annotations
@@ -21,12 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from mmat_assets import protocol
-from mmat_assets.contracts import Benchmark, BenchmarkItem, Retriever, Tool
+from mmat_assets.contracts import Benchmark, BenchmarkItem, Responder, Retriever, Tool
 from mmat_assets.engine.export import IMAGE_TAG
-from mmat_assets.engine.stages import ORR_SYSTEM, RR_SYSTEM
+from mmat_assets.engine.stages import orr_system, rr_system
 from mmat_assets.engine.tools import call_tool
 
-Responder = Callable[[list[dict[str, str]], list[str]], str]
 MODES = ("baseline", "orr", "rr")
 STYLE = "Answer the question using a single word or phrase."
 
@@ -74,7 +74,7 @@ def orr(model: Responder, item: BenchmarkItem, images: list[str], h: Harness) ->
             if call.error is None:
                 outputs.append(protocol.Result(name, call.text))
                 used.append(name)
-    one = protocol.OneTurn(_prompt(item), outputs, "", "", ORR_SYSTEM)
+    one = protocol.OneTurn(_prompt(item), outputs, "", "", orr_system(h.tools))
     msgs = protocol.render_orr(one)[:-1]  # system + user; the model writes the assistant turn
     msgs[-1]["content"] = _with_images(msgs[-1]["content"], images)
     text = model(msgs, images)
@@ -83,7 +83,7 @@ def orr(model: Responder, item: BenchmarkItem, images: list[str], h: Harness) ->
 
 def rr(model: Responder, item: BenchmarkItem, images: list[str], h: Harness) -> tuple[str, int, list[str]]:
     prompt = _prompt(item)
-    msgs = [{"role": "system", "content": RR_SYSTEM},
+    msgs = [{"role": "system", "content": rr_system(h.tools)},
             {"role": "user", "content": _with_images(f"{prompt} {protocol.START}", images)}]
     used: list[str] = []
     steps = 0

@@ -6,8 +6,11 @@ Deterministic checks, on every dialogue:
   fixed by a math reflection that redoes the computation;
 - ``conclusion`` — the dialogue's own conclusion must equal the gold answer under
   answer-type-aware normalisation; a wrong conclusion keeps the row out;
-- ``unsupported_claim`` — a thought that names a tool never called, or a number that no
-  tool returned, the question does not hold and no computation produced.
+- ``unsupported_claim`` — a thought that claims a tool's output before that tool ran (each
+  tool declares its claim phrasing, ``Tool.claim_patterns``), or a number that no tool
+  returned, the question does not hold and no computation produced. Numbers in the meta
+  fields a source declares as ground truth (``Source.ground_truth_meta``) must have come
+  back from a tool.
 
 The teacher's ``math_gap`` and ``cheating`` judges run only where needed: ``math_gap`` when
 a numeric answer is never computed in the thoughts, ``cheating`` when a claim is
@@ -21,12 +24,12 @@ import ast
 import json
 import operator
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mmat_assets import protocol
-from mmat_assets.contracts import TeacherError, TeacherRequest
+from mmat_assets.contracts import CLAIM_VERBS, JudgeContext, Source, TeacherError, TeacherRequest, Tool
 from mmat_assets.engine.answers import NUMBER_IN_TEXT as _NUMBER_IN_TEXT
 from mmat_assets.engine.answers import contains_answer, numbers_in, plain_fractions, to_number
 
@@ -71,12 +74,45 @@ _DIGITS = r"(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"
 _NUMBER = rf"\$?\(?-?{_DIGITS}\)?%?"
 _RESULT = rf"-?\$?-?{_DIGITS}%?"
 _EQUATION = re.compile(rf"(?<![\w.])({_NUMBER}(?:\s*[-+*/×÷]\s*{_NUMBER})+)\s*=\s*({_RESULT})(?![\d/])")
-#: Phrases that claim a tool's output (not ones that merely plan to call it).
-_CLAIM = r"(?:reads|read|shows|showed|gives|gave|returned|returns|found|finds|says|said|reports|reported|results?)"
-TOOL_MENTIONS = {"ocr": re.compile(rf"\bOCR {_CLAIM}\b", re.I),
-                 "face_detection": re.compile(rf"\bfaces? (?:detected|found)\b|\bface detection {_CLAIM}\b", re.I),
-                 "label_bbox": re.compile(rf"\b(?:detector|label_bbox) {_CLAIM}\b", re.I),
-                 "rag": re.compile(rf"\bthe search {_CLAIM}\b", re.I)}
+#: A thought claiming what the search returned (the search is the host's, not a plugin's).
+RAG_CLAIM = re.compile(rf"\bthe search {CLAIM_VERBS}\b", re.I)
+
+if TYPE_CHECKING:
+    from mmat_assets.config import ProjectConfig
+    from mmat_assets.plugins import Registry
+
+
+@dataclass(frozen=True)
+class Declarations:
+    """What the plugins of a build declare for the claim checks: each tool's claim patterns,
+    by the name a teacher calls it, and each source's ground-truth meta fields, by source
+    name (the ``source`` column of a row)."""
+
+    claims: Mapping[str, re.Pattern[str]] = field(default_factory=dict)
+    ground_truth: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, tools: Mapping[str, type[Tool[Any]] | Tool[Any]],
+           sources: Mapping[str, type[Source[Any]] | Source[Any]] | None = None) -> Declarations:
+        """From tool and source classes (or instances) by the names a build gives them."""
+        claims = {name: re.compile("|".join(t.claim_patterns), re.I) for name, t in tools.items()
+                  if t.claim_patterns}
+        return cls(claims, {name: tuple(s.ground_truth_meta) for name, s in (sources or {}).items()})
+
+    @classmethod
+    def from_registry(cls, registry: Registry, cfg: ProjectConfig | None = None) -> Declarations:
+        """Every registered tool and source under its own name and, with ``cfg``, under the
+        names the config gives them. Tools count whether or not they run here: a thought
+        may not claim the output of a tool that was never offered either."""
+        tools = {n: i.cls for n, i in registry.role("tool").items()}
+        sources = {n: i.cls for n, i in registry.role("source").items()}
+        for name, entry in (cfg.tools.items() if cfg is not None else ()):
+            if entry.plugin and entry.plugin in tools:
+                tools[name] = tools[entry.plugin]
+        for name, scfg in (cfg.sources.items() if cfg is not None else ()):
+            if scfg.plugin in sources:
+                sources[name] = sources[scfg.plugin]
+        return cls.of(tools, sources)  # type: ignore[arg-type]  # registered classes are of their role
 
 
 @dataclass
@@ -162,7 +198,9 @@ def _derivations(text: str) -> list[tuple[int, float]]:
     out = []
     for m in re.finditer(r"=|→", text):  # TabMWP writes reductions as "a/b → c/d"
         v = _VALUE.match(text, m.end())
-        for g in v.groups() if v else ():
+        if v is None:
+            continue
+        for g in v.groups():
             n = to_number(g) if g else None
             if n is not None:
                 out.append((v.start(), round(abs(n), 4)))
@@ -175,11 +213,15 @@ def _derived(t: protocol.Trajectory) -> set[float]:
 
 
 def check_claims(t: protocol.Trajectory, question: str, choices: list[str],
-                 image_numbers: set[float] | None = None) -> list[Finding]:
-    """Claims no evidence backs. A number in a thought must come from a tool result seen
-    before it, the question, or a computation written at or before it. ``image_numbers``:
-    numbers the source says the image holds (a TabMWP table's text); such a number must
-    have come back from a tool, however small, unless the thought computed it first."""
+                 image_numbers: set[float] | None = None,
+                 claims: Mapping[str, re.Pattern[str]] | None = None) -> list[Finding]:
+    """Claims no evidence backs. A thought may not claim a tool's output (``claims``: a
+    pattern per tool name) before that tool ran. A number in a thought must come from a
+    tool result seen before it, the question, or a computation written at or before it.
+    ``image_numbers``: numbers the source says the image holds (its ground-truth meta);
+    such a number must have come back from a tool, however small, unless the thought
+    computed it first."""
+    mentions = {**(claims or {}), "rag": RAG_CLAIM}
     found: list[Finding] = []
     called: set[str] = set()
     sources = {round(abs(n), 4) for n in numbers_in(question + " " + " ".join(choices))}
@@ -188,7 +230,7 @@ def check_claims(t: protocol.Trajectory, question: str, choices: list[str],
     # the stated answer is the conclusion check's business, unless it is also an image value
     answer = round(abs(gold), 4) if gold is not None and round(abs(gold), 4) not in in_image else None
     for step in t.steps:
-        for tool, pattern in TOOL_MENTIONS.items():
+        for tool, pattern in mentions.items():
             if pattern.search(step.thought) and tool not in called:
                 found.append(Finding("unsupported_claim", f"the thought cites {tool} output, but {tool} was never run"))
         text = plain_fractions(step.thought)
@@ -253,13 +295,13 @@ def math_gap_request(t: protocol.Trajectory) -> TeacherRequest:
     last = "\n".join(f"{m['role'].upper()}: {m['content']}" for m in msgs[-6:-2])
     prompt = MATH_GAP_PROMPT.format(dialogue=dialogue_text(t), last=last)
     return TeacherRequest("judge", judge_messages(prompt), JUDGE_VERSION, JUDGE_SCHEMA, {"temperature": 0},
-                          {"check": "math_gap"})
+                          JudgeContext(check="math_gap"))
 
 
 def cheating_request(t: protocol.Trajectory) -> TeacherRequest:
     prompt = CHEATING_PROMPT.format(dialogue=dialogue_text(t, with_answer=False))
     return TeacherRequest("judge", judge_messages(prompt), JUDGE_VERSION, JUDGE_SCHEMA, {"temperature": 0},
-                          {"check": "cheating"})
+                          JudgeContext(check="cheating"))
 
 
 def parse_judge(content: str) -> dict[str, Any]:
@@ -278,17 +320,23 @@ def needs_math_gap(t: protocol.Trajectory, answer_type: str | None) -> bool:
     return round(abs(gold), 4) not in _derived(t)
 
 
-def _image_numbers(sample: Mapping[str, Any]) -> set[float]:
+def image_numbers(sample: Mapping[str, Any], fields: Iterable[str]) -> set[float]:
+    """The numbers in the row's ground-truth meta ``fields`` (text fields only)."""
     meta = sample.get("meta") or "{}"
     meta = json.loads(meta) if isinstance(meta, str) else meta
-    table = meta.get("table") if isinstance(meta, dict) else None
-    return {round(abs(n), 4) for n in numbers_in(table)} if isinstance(table, str) else set()
+    texts = [meta.get(f) for f in fields] if isinstance(meta, dict) else []
+    return {round(abs(n), 4) for text in texts if isinstance(text, str) for n in numbers_in(text)}
 
 
-def deterministic(t: protocol.Trajectory, sample: Mapping[str, Any], tool_errors: int) -> tuple[list[Finding], list[str]]:
-    """Run the cheap checks; return findings and which LLM checks are needed."""
+def deterministic(t: protocol.Trajectory, sample: Mapping[str, Any], tool_errors: int,
+                  declared: Declarations | None = None) -> tuple[list[Finding], list[str]]:
+    """Run the cheap checks; return findings and which LLM checks are needed. ``declared``:
+    the claim patterns and ground-truth fields of the build's plugins (none: not checked)."""
+    declared = declared or Declarations()
     choices = list(sample.get("choices") or [])
-    findings = check_arithmetic(t) + check_claims(t, sample["question"], choices, _image_numbers(sample))
+    fields = declared.ground_truth.get(str(sample.get("source")), ())
+    findings = check_arithmetic(t) + check_claims(t, sample["question"], choices, image_numbers(sample, fields),
+                                                  declared.claims)
     conclusion = check_conclusion(t, sample.get("answer_type"), choices)
     if conclusion:
         findings.append(conclusion)
@@ -300,7 +348,7 @@ def deterministic(t: protocol.Trajectory, sample: Mapping[str, Any], tool_errors
     return findings, llm
 
 
-__all__ = ["Finding", "Verdict", "TeacherError", "deterministic", "insert_reflection", "pick_phrase",
+__all__ = ["Declarations", "Finding", "Verdict", "TeacherError", "deterministic", "insert_reflection", "pick_phrase",
            "math_gap_request", "cheating_request", "parse_judge"]
 
 
@@ -312,7 +360,8 @@ async def reflect(sample: Mapping[str, Any], t: protocol.Trajectory, tool_errors
     """Decide one dialogue: pass, fix with a reflection, or keep out with a reason."""
     from mmat_assets.engine.rationale import ask
 
-    findings, llm = deterministic(t, sample, tool_errors)
+    declared = env.declarations if env.declarations is not None else Declarations.of(env.tools)
+    findings, llm = deterministic(t, sample, tool_errors, declared)
     verdict = Verdict(t, sorted({f.check for f in findings}), findings)
     if any(f.check == "conclusion" for f in findings):
         return _fail(verdict, "wrong_answer", next(f.detail for f in findings if f.check == "conclusion"))

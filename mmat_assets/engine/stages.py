@@ -17,24 +17,48 @@ from typing import Any
 import polars as pl
 
 from mmat_assets import protocol, records
+from mmat_assets.contracts import Judge, TeacherError, Tool
 from mmat_assets.engine import reflection as refl
-from mmat_assets.engine.rationale import Environment, Outcome, run_shard
+from mmat_assets.engine.budget import row_status
+from mmat_assets.engine.rationale import Environment, Outcome, ask, run_shard
+from mmat_assets.engine.tools import tool_prompt
 
-RR_SYSTEM = """\
+#: The RR system prompt (SPEC §2.3); ``{tools}`` lists the tools of the build, one per line.
+RR_TEMPLATE = """\
 You are a multimodal reasoner that solves a question about an image step by step. In each
 turn write one short thought in <THOUGHT>...</THOUGHT>. To run vision tools on the image,
-name them in <OPERATOR>...</OPERATOR> (comma-separated; label_bbox takes object names as
-label_bbox[cat|dog]); to search the web, write a query in <RAG>...</RAG>. End every turn
+name them in <OPERATOR>...</OPERATOR> (comma-separated; a tool that takes object names is
+written tool[cat|dog]); to search the web, write a query in <RAG>...</RAG>. End every turn
 with <SIGNAL>continue</SIGNAL>, <SIGNAL>reflection</SIGNAL> to re-examine your reasoning, or
 <SIGNAL>end</SIGNAL> once the reasoning reaches the answer. Tool and search results come
-back in the next user turn. Tools: ocr (read text), label_bbox (find objects, boxes 0-1),
-face_detection (count and locate faces), image_caption (describe the scene)."""
+back in the next user turn. Tools:
+{tools}"""
 
-ORR_SYSTEM = """\
+#: The ORR system prompt (SPEC §2.5); ``{tools}`` as in :data:`RR_TEMPLATE`.
+ORR_TEMPLATE = """\
 You are a multimodal reasoner. The question comes with the outputs of vision tools run on
 the image, each between <|begin_api_invoke|>tool<|end_api_invoke|> and
 <|begin_result_of_api|>...<|end_result_of_api|>. Reason in one <THOUGHT>...</THOUGHT>,
-then answer as <ANSWER>The answer is: ...</ANSWER>."""
+then answer as <ANSWER>The answer is: ...</ANSWER>. Tools:
+{tools}"""
+
+
+def rr_system(tools: Mapping[str, Tool[Any]]) -> str:
+    """The RR system prompt listing ``tools`` (the ones a build offers), each with its name
+    and its own description."""
+    return RR_TEMPLATE.format(tools=tool_prompt(tools) or "(none)")
+
+
+def orr_system(tools: Mapping[str, Tool[Any]]) -> str:
+    """The ORR system prompt listing ``tools`` as :func:`rr_system` does."""
+    return ORR_TEMPLATE.format(tools=tool_prompt(tools) or "(none)")
+
+
+def system_prompt(df: pl.DataFrame) -> str:
+    """The system prompt stored with the first dialogue of ``df`` ("" when none)."""
+    first = df.head(1)["turns"].to_list() if "turns" in df.columns else []
+    turns = first[0] if first else None
+    return str(turns[0]["content"]) if turns and turns[0]["role"] == "system" else ""
 
 
 def concat_shards(parts: Mapping[str, pl.DataFrame] | pl.DataFrame) -> pl.DataFrame:
@@ -99,7 +123,7 @@ def run_rationales(df: pl.DataFrame, env: Environment,
                    progress: Callable[[int, int], None] | None = None) -> pl.DataFrame:
     """The teacher loop over one shard; every input row comes out, ok or failed."""
     rows = with_prompts(df)
-    outcomes = asyncio.run(run_shard(rows, env, progress))
+    outcomes = asyncio.run(run_shard(list[Mapping[str, Any]](rows), env, progress))
     return records.conform(pl.DataFrame([_rationale_row(r, o) for r, o in zip(rows, outcomes, strict=True)],
                                         schema=records.SAMPLE_SCHEMA, strict=False))
 
@@ -109,7 +133,7 @@ def _rationale_row(row: dict[str, Any], o: Outcome) -> dict[str, Any]:
     out = {k: row[k] for k in records.FOUNDATION_COLUMNS}
     out["lineage"] = row.get("lineage")
     out.update(
-        status="failed" if o.failure else "ok",
+        status=row_status(o.failure),
         failure=o.failure, failure_stage="rationale" if o.failure else None, failure_detail=o.detail or None,
         trajectory=trajectory_json(o.trajectory), steps=len(o.trajectory.steps) if o.trajectory else 0,
         grounding=o.grounding, used_rag=o.used_rag, tool_calls=_tool_call_rows(o.tool_calls),
@@ -155,7 +179,7 @@ async def _reflect_row(row: dict[str, Any], env: Environment) -> dict[str, Any]:
     if verdict.trajectory is not None:
         row.update(trajectory=trajectory_json(verdict.trajectory), steps=len(verdict.trajectory.steps))
     if verdict.failure:
-        row.update(status="failed", failure=verdict.failure, failure_stage="reflection",
+        row.update(status=row_status(verdict.failure), failure=verdict.failure, failure_stage="reflection",
                    failure_detail=verdict.detail[:2000])
     return row
 
@@ -167,15 +191,19 @@ def _passed(df: pl.DataFrame) -> pl.DataFrame:
     return df.filter(pl.col("status") == "ok")
 
 
-def rr_samples(df: pl.DataFrame, system: str = RR_SYSTEM) -> pl.DataFrame:
-    """RR dialogues (SPEC §2.3) of the rows that passed, system prompt stored with each."""
+def rr_samples(df: pl.DataFrame, system: str | None = None) -> pl.DataFrame:
+    """RR dialogues (SPEC §2.3) of the rows that passed, system prompt stored with each
+    (``system``: :func:`rr_system` of the build's tools; None: the prompt with no tools)."""
+    system = rr_system({}) if system is None else system
     ok = _passed(df)
     turns = [protocol.render_rr(_with_system(t, system)) for t in ok["trajectory"]]
     return records.conform(ok.with_columns(format=pl.lit("rr"), turns=pl.Series(turns, dtype=records.SAMPLE_SCHEMA["turns"])))
 
 
-def orr_samples(df: pl.DataFrame, system: str = ORR_SYSTEM) -> pl.DataFrame:
-    """ORR one-turn samples (SPEC §2.5); RAG text left out, ``used_rag`` kept for filtering."""
+def orr_samples(df: pl.DataFrame, system: str | None = None) -> pl.DataFrame:
+    """ORR one-turn samples (SPEC §2.5); RAG text left out, ``used_rag`` kept for filtering
+    (``system`` as in :func:`rr_samples`, from :func:`orr_system`)."""
+    system = orr_system({}) if system is None else system
     ok = _passed(df)
     turns = [protocol.render_orr(protocol.to_one_turn(trajectory_from_json(t), system)) for t in ok["trajectory"]]
     return records.conform(ok.with_columns(format=pl.lit("orr"), turns=pl.Series(turns, dtype=records.SAMPLE_SCHEMA["turns"])))
@@ -245,31 +273,45 @@ def funnel(foundation: pl.DataFrame, reflected: pl.DataFrame, rr: pl.DataFrame, 
 # -------------------------------------------------------------------------- quality
 
 
-def score_quality(df: pl.DataFrame, judge: Any, env: Environment) -> pl.DataFrame:
+def score_quality(df: pl.DataFrame, judge: Judge[Any], env: Environment, system: str | None = None) -> pl.DataFrame:
     """SPEC §2.6: a judge scores every passed dialogue 0-1 with reasons (stored, not filtered:
-    the export's ``min_quality`` filters). Requests go through the request cache; a judge
-    failure leaves the score empty and says why."""
-    return records.conform(pl.DataFrame(asyncio.run(_score_all(df.to_dicts(), judge, env)),
+    the export's ``min_quality`` filters). The judge sees the RR dialogue (``turns``, with
+    ``system`` as in :func:`rr_samples`). A judge's teacher requests go through the request
+    cache; a judge failure leaves the score empty and says why."""
+    system = rr_system({}) if system is None else system
+    return records.conform(pl.DataFrame(asyncio.run(_score_all(df.to_dicts(), judge, env, system)),
                                         schema=records.SAMPLE_SCHEMA, strict=False))
 
 
-async def _score_all(rows: list[dict[str, Any]], judge: Any, env: Environment) -> list[dict[str, Any]]:
-    from mmat_assets.contracts import TeacherError
-    from mmat_assets.engine.rationale import ask
-
+async def _score_all(rows: list[dict[str, Any]], judge: Judge[Any], env: Environment,
+                     system: str) -> list[dict[str, Any]]:
     gate = asyncio.Semaphore(env.settings.concurrency)
 
     async def one(row: dict[str, Any]) -> dict[str, Any]:
         if row["status"] != "ok" or not row["trajectory"]:
             return row
-        turns = protocol.render_rr(_with_system(row["trajectory"], RR_SYSTEM))
+        turns = protocol.render_rr(_with_system(row["trajectory"], system))
         async with gate:
             try:
-                reply, record = await ask(env, judge.request({**row, "turns": turns}))
-                row["quality"], row["quality_reasons"] = judge.parse(reply)
-                row["provenance"] = _provenance(row["provenance"], teacher_calls=[record])
-            except (TeacherError, ValueError, KeyError, TypeError) as exc:
+                row["quality"], row["quality_reasons"], record = await _judged(judge, env, {**row, "turns": turns})
+                if record is not None:
+                    row["provenance"] = _provenance(row["provenance"], teacher_calls=[record])
+            except TeacherError as exc:
                 row["quality"], row["quality_reasons"] = None, f"judge failed: {exc}"
+            except Exception as exc:  # a judge bug on one row leaves that row unscored, named
+                row["quality"], row["quality_reasons"] = None, f"judge failed: {type(exc).__name__}: {exc}"
         return row
 
     return list(await asyncio.gather(*(one(r) for r in rows)))
+
+
+async def _judged(judge: Judge[Any], env: Environment,
+                  sample: dict[str, Any]) -> tuple[float, str, dict[str, Any] | None]:
+    """Score and reasons of one sample, and the record of the teacher call behind them."""
+    request = judge.request(sample)
+    if request is None:  # a judge that scores by itself
+        score, reasons = await asyncio.to_thread(judge.score, sample)
+        return float(score), str(reasons), None
+    reply, record = await ask(env, request)
+    score, reasons = judge.parse(reply)
+    return float(score), str(reasons), record

