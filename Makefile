@@ -8,7 +8,7 @@ HOME_DIR := $(CURDIR)/.mmat/dagster_home
 CHROMIUM := /usr/bin/chromium
 SUDO     := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: install browser demo test ui benchmarks clean
+.PHONY: install browser demo test test-fast ui benchmarks clean
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,9 @@ demo: install  ## materialize every asset of the embedded default project (mmat.
 test: install browser  ## run the whole test suite (slow end-to-end and browser tests included)
 	$(BIN)/pytest -q
 
+test-fast: install  ## the unit tier: everything not marked slow (no end-to-end builds, no browser)
+	$(BIN)/pytest -q -m "not slow"
+
 ui: install  ## the Dagster UI on http://127.0.0.1:3000 over the same instance as `make demo`
 	DAGSTER_HOME=$${DAGSTER_HOME:-$(HOME_DIR)} $(BIN)/python -c "from pathlib import Path; from mmat_assets.cli import ensure_dagster_home; ensure_dagster_home(Path('mmat.yaml'))"
 	DAGSTER_HOME=$${DAGSTER_HOME:-$(HOME_DIR)} $(BIN)/dagster dev -f definitions.py -h 127.0.0.1 -p 3000
@@ -37,6 +40,7 @@ ui: install  ## the Dagster UI on http://127.0.0.1:3000 over the same instance a
 benchmarks: install  ## performance scripts; each prints its ratio against a same-run baseline
 	$(BIN)/python benchmarks/foundation.py
 	$(BIN)/python benchmarks/data_versions.py
+	$(BIN)/python benchmarks/build_parallel.py
 
 clean:
 	rm -rf .mmat

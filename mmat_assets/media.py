@@ -3,6 +3,10 @@
 Layout under the storage root: ``media/<first two hex>/<sha256><ext>``. The same bytes are
 written once whatever source or shard names them; a URI is the object's full path
 (``/abs/dir/media/ab/ab12....png`` locally, ``s3://bucket/prefix/media/...`` on S3).
+
+Any number of builds may put the same object at once: each writes its own temporary file
+and links it into place (locally), or sends one conditional PUT (S3); the first to land
+wins, the others find it there, and no reader ever sees a partial object.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from upath import UPath
+
+from mmat_assets.engine.leases import atomic_write, create_exclusive
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -36,11 +42,7 @@ class MediaStore:
         digest = sha256_bytes(data)
         path = self._path(digest, ext)
         if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".part") if self.is_local else path
-            tmp.write_bytes(data)
-            if tmp is not path:
-                tmp.rename(path)  # atomic on one filesystem: readers never see half a file
+            create_exclusive(path, data)  # False: another writer stored the same bytes first
         return digest, self.uri(path)
 
     @staticmethod
@@ -67,8 +69,5 @@ class MediaStore:
         name = uri.rsplit("/", 1)[-1]
         local = cache / name[:2] / name
         if not local.exists():
-            local.parent.mkdir(parents=True, exist_ok=True)
-            part = local.with_name(name + ".part")
-            part.write_bytes(self.read(uri))
-            part.rename(local)
+            atomic_write(local, self.read(uri))
         return local

@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 
 import dagster as dg
+import pytest
+from rich.console import Console
 from typer.testing import CliRunner
 
 from mmat_assets.cli import app
@@ -44,10 +46,35 @@ def test_plugins_table_and_help() -> None:
     assert res.exit_code == 0 and "--shards" in res.output and "--profile" in res.output
 
 
-def _run_build(cfg: Path, home: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "DAGSTER_HOME": str(home), "COLUMNS": "200"}
+def _run_build(cfg: Path, home: Path, *args: str, env: dict[str, str] | None = None,
+               timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "DAGSTER_HOME": str(home), "COLUMNS": "200", **(env or {})}
     return subprocess.run([str(Path(sys.executable).with_name("mmat")), "build", "--config", str(cfg), *args],
-                          capture_output=True, text=True, env=env, timeout=600)
+                          capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def entry_point_plugin(site: Path, name: str, body: str) -> Path:
+    """A third-party plugin installed into ``site`` by entry point (module + dist-info), as pip
+    would leave it; put ``site`` on the path (PYTHONPATH or sys.path) to install it."""
+    site.mkdir(parents=True, exist_ok=True)
+    (site / f"{name}.py").write_text(body, encoding="utf-8")
+    info = site / f"{name}-0.1.dist-info"
+    info.mkdir(exist_ok=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n", encoding="utf-8")
+    (info / "entry_points.txt").write_text(f"[mmat]\n{name} = {name}\n", encoding="utf-8")
+    return site
+
+
+def test_plugins_names_a_plugin_that_exits_at_import_and_fails(tmp_path: Path, monkeypatch) -> None:
+    site = entry_point_plugin(tmp_path / "site", "exits_at_import", "import sys\nsys.exit(3)\n")
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.delitem(sys.modules, "exits_at_import", raising=False)
+    res = runner.invoke(app, ["plugins", "--config", str(REPO / "mmat.yaml")])
+    assert res.exit_code == 1, res.output
+    assert "tabmwp" in res.output  # the others are still listed
+    assert "'exits_at_import' failed to load: SystemExit" in res.output
+    res = runner.invoke(app, ["plugins", "--json", "--config", str(REPO / "mmat.yaml")])
+    assert res.exit_code == 1 and any("exits_at_import" in e for e in json.loads(res.output)["errors"])
 
 
 def test_build_materializes_selected_shards_and_reports_json(tmp_path: Path) -> None:
@@ -55,7 +82,7 @@ def test_build_materializes_selected_shards_and_reports_json(tmp_path: Path) -> 
     jsonl = next(p for p in data.iterdir() if p.suffix == ".jsonl")
     cfg = write_project(tmp_path, {"qa": {"plugin": "qa_table", "options": {
         "path": str(jsonl), "license": "CC0-1.0", "image_root": str(data),
-        "columns": {"question": "question", "answer": "answer"}}}}, shards=3)
+        "columns": {"question": "prompt", "answer": "gold", "id": "qid", "image": "img"}}}}, shards=3)
     home = tmp_path / "home"
     home.mkdir()
     out = _run_build(cfg, home, "--select", "group:foundation", "--shards", "0-1", "--json")
@@ -63,20 +90,40 @@ def test_build_materializes_selected_shards_and_reports_json(tmp_path: Path) -> 
     summary = json.loads(out.stdout)
     by_asset = {a["asset"]: a for a in summary["assets"]}
     assert by_asset["foundation_samples"]["partitions"] == 2
-    assert summary["failed"] == 0 and summary["runs"] == 3
+    assert summary["failed"] == 0 and summary["runs"] == 3 and summary["causes"] == []
+    # the fixture's bad lines are quarantined, below the failure-rate limit
+    counts = by_asset["source_samples/qa"]["counts"]
+    assert counts["rows_read"] == 6 and 0 < counts["rows_quarantined"] <= 3
+
+
+def test_build_fails_when_every_row_of_a_source_is_quarantined(tmp_path: Path) -> None:
+    """Columns that name nothing in the file: every row quarantined, which is no success."""
+    data = REPO / "tests" / "fixtures" / "qa_table"
+    cfg = write_project(tmp_path, {"qa": {"plugin": "qa_table", "options": {
+        "path": str(data / "qa.jsonl"), "license": "CC0-1.0",
+        "columns": {"question": "question", "answer": "answer"}}}}, shards=2)
+    out = _run_build(cfg, tmp_path / "home", "--select", "group:foundation", timeout=120)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert re.search(r"source_samples/qa: every row failed \(6 of 6\)", out.stdout), out.stdout
 
 
 def test_build_fails_with_a_readable_summary(tmp_path: Path) -> None:
     cfg = write_project(tmp_path, {"gone": {"plugin": "qa_table", "options": {
         "path": "does-not-exist.jsonl", "license": "CC0-1.0",
         "columns": {"question": "q", "answer": "a"}}}}, shards=2)
-    # A reader that breaks is quarantined, not fatal; a storage root that cannot be written is fatal.
-    (tmp_path / "store").write_text("not a directory")
+    # A reader that cannot open its file fails its source, loudly: never a silent empty source.
     home = tmp_path / "home"
     home.mkdir()
     out = _run_build(cfg, home)
     assert out.returncode == 1
     assert "failed" in out.stdout and "source_samples/gone" in out.stdout
+    # what never ran because of it says so, instead of "ok" with 0 rows
+    assert re.search(r"^│ foundation_samples +│ 0 +│ 0 +│ skipped: \[0\] not run: upstream failed", out.stdout,
+                     re.M), out.stdout
+    assert re.search(r"^│ dialogue_files +│ 0 +│ 0 +│ skipped", out.stdout, re.M), out.stdout
+    assert re.search(r"^build failed \(1 cause\(s\)\):\n  - quarantine/source/gone, source_samples/gone: ",
+                     out.stdout, re.M), out.stdout
+    assert "source 'gone'" in out.stdout and "does-not-exist.jsonl" in out.stdout
     assert re.search(r"^\[1/\d+\] .*failures \d+", out.stdout, re.M)  # not a terminal: a progress line per run
 
 
@@ -84,6 +131,7 @@ def test_build_on_a_terminal_shows_a_live_progress_bar_and_fails_readably(tmp_pa
     """Through a pseudo-terminal (util-linux ``script``): the live bar, then the summary."""
     cfg = write_project(tmp_path, {"qa": {"plugin": "qa_table", "options": {
         "path": "q.jsonl", "license": "CC0-1.0", "columns": {"question": "q", "answer": "a"}}}}, shards=2)
+    (tmp_path / "q.jsonl").write_text('{"q": "What is 1 + 1?", "a": "2"}\n', encoding="utf-8")
     (tmp_path / "store").write_text("not a directory")  # the storage root cannot be written: fatal
     home = tmp_path / "home"
     home.mkdir()
@@ -110,3 +158,57 @@ def test_the_main_job_builds_the_report_and_the_dialogue_files() -> None:
     assert dg.AssetKey(["exports", "sharegpt"]) not in main  # only the export the trainer reads
     assert selected_keys(graph, "group:foundation") == {k for k in graph.get_all_asset_keys()
                                                        if graph.get(k).group_name == "foundation"}
+
+
+def test_a_selection_that_does_not_parse_or_matches_nothing_is_one_line_with_examples() -> None:
+    from mmat_assets.assets import definitions_from_file
+    from mmat_assets.runner import BuildError, selected_keys
+
+    graph = definitions_from_file(REPO / "mmat.yaml").resolve_asset_graph()
+    for select, reason in (("exports/*", "no asset is named 'exports/'"), ("(", "does not parse"),
+                           ("group:nosuch", "matches no asset")):
+        with pytest.raises(BuildError) as caught:
+            selected_keys(graph, select)
+        message = str(caught.value)
+        assert "\n" not in message and reason in message and repr(select) in message, message
+        assert 'group:export' in message and 'key:"exports/*"' in message, message
+        assert caught.value.exit_code == 2
+
+
+def test_check_severity_decides_the_exit_and_skipped_steps_say_skipped(tmp_path: Path) -> None:
+    """A failed ERROR check is a cause of failure, a failed WARN check only a warning; a
+    step that never ran because its upstream failed shows as skipped, not ok."""
+    from mmat_assets.runner import BuildProgress, materialize
+
+    @dg.asset
+    def table() -> int:
+        return 1
+
+    @dg.asset
+    def broken() -> int:
+        raise RuntimeError("cannot read the table")
+
+    @dg.asset
+    def after(broken: int) -> int:
+        return broken
+
+    @dg.asset_check(asset=table)
+    def strict() -> dg.AssetCheckResult:
+        return dg.AssetCheckResult(passed=False, severity=dg.AssetCheckSeverity.ERROR)
+
+    @dg.asset_check(asset=table)
+    def lenient() -> dg.AssetCheckResult:
+        return dg.AssetCheckResult(passed=False, severity=dg.AssetCheckSeverity.WARN)
+
+    defs = dg.Definitions(assets=[table, broken, after], asset_checks=[strict, lenient],
+                          resources={"io_manager": dg.FilesystemIOManager(base_dir=str(tmp_path / "io"))})
+    with dg.instance_for_test() as instance:
+        summary = materialize(defs, "table", lambda keys: keys, BuildProgress(Console(), enabled=False),
+                              instance=instance)
+        assert summary["failed_checks"] == ["table:strict"] and summary["warned_checks"] == ["table:lenient"]
+        assert summary["causes"] == ["check failed: table:strict"]
+        summary = materialize(defs, "*after", lambda keys: keys, BuildProgress(Console(), enabled=False),
+                              instance=instance)
+    status = {a["asset"]: a["status"] for a in summary["assets"]}
+    assert status == {"broken": "failed", "after": "skipped"}, summary
+    assert summary["causes"] == ["broken: RuntimeError: cannot read the table"]

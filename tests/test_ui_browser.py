@@ -109,9 +109,11 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 def dagster_dev(tmp_path: Path, tabmwp_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Server]:
     """``dagster dev`` over a fresh 2-shard TabMWP project, on a free port, in its own process group."""
     cfg = write_project(tmp_path, {"tabmwp": {"plugin": "tabmwp", "options": {"path": str(tabmwp_dir)},
-                                              "quota": QUOTA}}, shards=2)
+                                              "quota": QUOTA}}, shards=2,
+                        # one shard per run, so each shard's materialization names its own file
+                        foundation={"shards_per_run": 1})
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
-    home = ensure_dagster_home(cfg)  # DefaultRunCoordinator, and no welcome pop-up
+    home = ensure_dagster_home(cfg)  # queued runs (dagster dev starts the daemon), no welcome pop-up
     port = _free_port()
     problems = json.loads((tabmwp_dir / "problems.json").read_text(encoding="utf-8"))
     server = Server(f"http://127.0.0.1:{port}", tmp_path / "store", tmp_path / "dagster_dev.log",

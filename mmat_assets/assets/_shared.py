@@ -5,7 +5,7 @@ No `from __future__ import annotations` here: Dagster reads resource annotations
 
 import json
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import dagster as dg
 from pydantic import Field
@@ -13,6 +13,7 @@ from pydantic import Field
 from mmat_assets.config import ProjectConfig
 from mmat_assets.engine.cache import ResultCache
 from mmat_assets.engine.rationale import Environment, StageSettings
+from mmat_assets.engine.reflection import Declarations
 from mmat_assets.engine.tools import available_tools, configured_retrievers
 from mmat_assets.plugins import Registry
 from mmat_assets.resources import StorageResource
@@ -30,9 +31,7 @@ class TeacherResource(dg.ConfigurableResource):
         options = json.loads(self.options_json)
         if self.api_key:
             options["api_key"] = self.api_key
-        teacher = registry.create("teacher", self.plugin, options)
-        teacher.base_dir = cfg.base_dir
-        return teacher
+        return registry.create("teacher", self.plugin, options, base_dir=cfg.base_dir)
 
 
 def recorded_version(context: dg.AssetExecutionContext, key: list[str], partition: str | None,
@@ -69,11 +68,14 @@ def shard_environment(cfg: ProjectConfig, registry: Registry, storage: StorageRe
     tools = available_tools(registry, cfg, {teacher.name: t})
     retriever = _retriever(cfg, registry, storage)
     root = storage.path("cache")
-    caches = {ns: ResultCache(root, ns, shard) for ns in ("tools", "retrieval", "teacher")}
+    caches = {ns: ResultCache(root, ns, shard, lease_s=cfg.stages.lease_s, lease_wait_s=cfg.stages.lease_wait_s)
+              for ns in ("tools", "retrieval", "teacher")}
     media = storage.media()
     s = cfg.stages
     env = Environment(t, teacher.name, tools, retriever, caches["tools"], caches["retrieval"], caches["teacher"],
-                      media.local_path, StageSettings(s.max_steps, s.rag_k, s.concurrency, s.tool_concurrency))
+                      media.local_path, StageSettings(s.max_steps, s.rag_k, s.concurrency, s.tool_concurrency,
+                                    budget_usd=s.budget_usd),
+                      declarations=Declarations.from_registry(registry, cfg))
     try:
         yield env
     finally:
@@ -93,6 +95,26 @@ def _retriever(cfg: ProjectConfig, registry: Registry, storage: StorageResource)
         reason = found[1].reason if found else "not configured"
         raise RuntimeError(f"retriever {name!r} is not usable: {reason}")
     return found[0]
+
+
+def shard_output(context: dg.AssetExecutionContext,
+                 one: Callable[[str], tuple[Any, dict[str, Any]]]) -> dg.Output[Any]:
+    """The output of a shard asset's run: ``one(shard)`` (a table and its metadata) for each
+    shard the run covers. One shard: its table, as a run of one shard has always written it. A
+    batched run (``BackfillPolicy.multi_run``): ``{shard: table}``, each stored as its own
+    partition with its own metadata; Dagster records one data version for the whole run, the
+    hash of the shards' versions."""
+    from mmat_assets.versions import doc_version, frame_version
+
+    tables = {shard: one(shard) for shard in context.partition_keys}
+    if len(tables) == 1:
+        ((df, meta),) = tables.values()
+        return dg.Output(df, metadata=meta, data_version=dg.DataVersion(frame_version(df)))
+    for shard, (_, meta) in tables.items():
+        context.add_asset_metadata(meta, partition_key=shard)
+    versions = {shard: frame_version(df) for shard, (df, _) in tables.items()}
+    return dg.Output({shard: df for shard, (df, _) in tables.items()},
+                     data_version=dg.DataVersion(doc_version(versions)))
 
 
 def cache_metadata(env: Environment) -> dict[str, Any]:

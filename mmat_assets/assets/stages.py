@@ -9,17 +9,23 @@ No `from __future__ import annotations` here: Dagster reads the context annotati
 """
 
 import json
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import dagster as dg
 import polars as pl
 
 from mmat_assets import protocol
-from mmat_assets.assets._shared import TeacherResource, cache_metadata, shard_environment, stage_deps
-from mmat_assets.assets.foundation import shards_partitions
+from mmat_assets.assets._shared import TeacherResource, cache_metadata, shard_environment, shard_output, stage_deps
+from mmat_assets.assets.foundation import shards_backfill_policy, shards_partitions
 from mmat_assets.config import ProjectConfig
+from mmat_assets.contracts import Tool
 from mmat_assets.engine import charts, reflection, stages
+from mmat_assets.engine.budget import spend_metadata
+from mmat_assets.engine.leases import atomic_writer
 from mmat_assets.engine.preview import counts_markdown
+from mmat_assets.engine.tools import available_tools, tool_prompt
 from mmat_assets.plugins import Registry
 from mmat_assets.resources import StorageResource
 from mmat_assets.versions import doc_version, frame_version
@@ -28,19 +34,60 @@ from mmat_assets.versions import doc_version, frame_version
 OWN_VERSIONS = {"rationales": "1", "reflections": "1", "rr_samples": "1", "orr_samples": "1", "dialogue_files": "1"}
 
 
-def code_versions(cfg: ProjectConfig, registry: Registry) -> dict[str, str]:
+@dataclass(frozen=True)
+class Prompts:
+    """The prompts that list the tools a build offers: the teacher's tool list and the RR
+    and ORR system prompts stored with every dialogue."""
+
+    tools: str
+    rr: str
+    orr: str
+
+    @classmethod
+    def of(cls, tools: Mapping[str, Tool[Any]]) -> "Prompts":
+        return cls(tool_prompt(tools), stages.rr_system(tools), stages.orr_system(tools))
+
+
+def _stage_teacher(cfg: ProjectConfig, registry: Registry) -> Any:
+    """The stage's teacher built from the config (None when it cannot be created here)."""
+    name = cfg.stages.teacher
+    entry = cfg.teachers.get(name)
+    plugin = entry.plugin if entry and entry.plugin else name
+    try:
+        return registry.create("teacher", plugin, entry.options if entry else None, base_dir=cfg.base_dir)
+    except Exception:  # an unknown or misconfigured teacher fails the stage itself, by name
+        return None
+
+
+def offered_tools(cfg: ProjectConfig, registry: Registry) -> dict[str, Tool[Any]]:
+    """The tools this build offers the teacher: enabled, created and available here, with
+    the stage's teacher attached, as the shard environment builds them."""
+    teacher = _stage_teacher(cfg, registry)
+    return available_tools(registry, cfg, {cfg.stages.teacher: teacher} if teacher is not None else {})
+
+
+def code_versions(cfg: ProjectConfig, registry: Registry, prompts: Prompts | None = None) -> dict[str, str]:
     """Each stage asset's own code version: its logic, and for the teacher-driven stages the
-    prompt (or judge prompt) version and the teacher implementation's version. Upstream
-    versions are chained on by the definitions (mmat_assets.versions)."""
+    prompt (or judge prompt) version and the teacher implementation's version; for the
+    rationales and the RR/ORR samples a hash of the prompt that lists the build's tools, so
+    adding, removing or changing a tool shows them stale. Upstream versions are chained on
+    by the definitions (mmat_assets.versions)."""
+    prompts = prompts or Prompts.of(offered_tools(cfg, registry))
     entry = cfg.teachers.get(cfg.stages.teacher)
     plugin = entry.plugin if entry and entry.plugin else cfg.stages.teacher
     teacher = f"{plugin}-{registry.version('teacher', plugin)}"  # unregistered: reported when it runs
     out = dict(OWN_VERSIONS)
-    out["rationales"] += f"+{protocol.PROMPT_VERSION}+{teacher}"
+    out["rationales"] += f"+{protocol.PROMPT_VERSION}+{teacher}+tools-{_short_hash(prompts.tools)}"
     out["reflections"] += f"+{reflection.JUDGE_VERSION}+{teacher}"
     if cfg.stages.judge:  # the quality judge scores in the reflection stage
         out["reflections"] += f"+{cfg.stages.judge}-{registry.version('judge', cfg.stages.judge)}"
+    out["rr_samples"] += f"+system-{_short_hash(prompts.rr)}"
+    out["orr_samples"] += f"+system-{_short_hash(prompts.orr)}"
     return out
+
+
+def _short_hash(text: str) -> str:
+    return doc_version(text)[:8]
 
 
 def _md_counts(counts: dict[Any, int], key: str, title: str) -> dg.MetadataValue:
@@ -58,26 +105,22 @@ def _dialogue_preview(df: pl.DataFrame, n: int) -> str:
     return "\n\n---\n\n".join(parts) or "(no samples)"
 
 
-def _stamped(context: dg.AssetExecutionContext, df: pl.DataFrame, inputs: dict[str, pl.DataFrame]) -> pl.DataFrame:
+def _stamped(context: dg.AssetExecutionContext, shard: str, df: pl.DataFrame,
+             inputs: dict[str, pl.DataFrame]) -> pl.DataFrame:
     """``df`` with this asset partition's lineage entry on every row (see stages.stamp_lineage)."""
     key = context.asset_key
-    return stages.stamp_lineage(df, key.to_user_string(), context.partition_key,
-                                context.assets_def.code_versions_by_key.get(key),
+    return stages.stamp_lineage(df, key.to_user_string(), shard, context.assets_def.code_versions_by_key.get(key),
                                 {name: frame_version(frame) for name, frame in inputs.items()})
 
 
-def _versioned(df: pl.DataFrame, metadata: dict[str, Any]) -> dg.Output[pl.DataFrame]:
-    """The table as an output whose data version is its content hash."""
-    return dg.Output(df, metadata=metadata, data_version=dg.DataVersion(frame_version(df)))
-
-
-def rationale_assets(cfg: ProjectConfig, registry: Registry) -> list[dg.AssetsDefinition]:
+def rationale_assets(cfg: ProjectConfig, registry: Registry, versions: Mapping[str, str]) -> list[dg.AssetsDefinition]:
     parts = shards_partitions(cfg)
 
-    @dg.asset(partitions_def=parts, group_name="rationale", code_version=code_versions(cfg, registry)["rationales"],
+    @dg.asset(partitions_def=parts, backfill_policy=shards_backfill_policy(cfg),
+              group_name="rationale", code_version=versions["rationales"],
               deps=stage_deps(cfg, registry), kinds={"polars"})
-    def rationales(context: dg.AssetExecutionContext, foundation_samples: pl.DataFrame,
-                   storage: StorageResource, teacher: TeacherResource) -> dg.Output[pl.DataFrame]:
+    def rationales(context: dg.AssetExecutionContext, foundation_samples: dict[str, pl.DataFrame],
+                   storage: StorageResource, teacher: TeacherResource) -> dg.Output[Any]:
         """Multi-turn teacher rationales (SPEC §2.2) with real tool calls, one row per sample.
 
         The teacher sees image, question and gold answer and writes JSON steps; the engine
@@ -89,42 +132,52 @@ def rationale_assets(cfg: ProjectConfig, registry: Registry) -> list[dg.AssetsDe
             if done == total or done % max(1, total // 10) == 0:
                 context.log.info(f"rationales: {done}/{total} samples")
 
-        with shard_environment(cfg, registry, storage, teacher, context.partition_key) as env:
-            df = _stamped(context, stages.run_rationales(foundation_samples, env, progress),
-                          {"foundation_samples": foundation_samples})
-            meta = {"dagster/row_count": df.height, "ok": df.filter(pl.col("status") == "ok").height,
-                    "tools_offered": ", ".join(sorted(env.tools)) or "none",
-                    "failures": _md_counts(stages.failures(df), "stage:reason", "Failures"),
-                    "tool_calls_per_tool": _md_counts(stages.tool_counts(df), "tool", "Samples calling each tool"),
-                    **stages.teacher_totals(df), **cache_metadata(env)}
-        return _versioned(df, meta)
+        def one(shard: str) -> tuple[pl.DataFrame, dict[str, Any]]:
+            samples = foundation_samples[shard]
+            with shard_environment(cfg, registry, storage, teacher, shard) as env:
+                df = _stamped(context, shard, stages.run_rationales(samples, env, progress),
+                              {"foundation_samples": samples})
+                return df, {"dagster/row_count": df.height, "ok": df.filter(pl.col("status") == "ok").height,
+                            "tools_offered": ", ".join(sorted(env.tools)) or "none",
+                            "failures": _md_counts(stages.failures(df), "stage:reason", "Failures"),
+                            "tool_calls_per_tool": _md_counts(stages.tool_counts(df), "tool",
+                                                              "Samples calling each tool"),
+                            **stages.teacher_totals(df), **cache_metadata(env),
+                            **spend_metadata(df, env.budget)}
+
+        return shard_output(context, one)
 
     return [rationales]
 
 
-def reflection_assets(cfg: ProjectConfig, registry: Registry) -> list[dg.AssetsDefinition]:
+def reflection_assets(cfg: ProjectConfig, registry: Registry, versions: Mapping[str, str],
+                      prompts: Prompts) -> list[dg.AssetsDefinition]:
     parts = shards_partitions(cfg)
 
-    @dg.asset(partitions_def=parts, group_name="reflection", code_version=code_versions(cfg, registry)["reflections"],
+    @dg.asset(partitions_def=parts, backfill_policy=shards_backfill_policy(cfg),
+              group_name="reflection", code_version=versions["reflections"],
               kinds={"polars"})
-    def reflections(context: dg.AssetExecutionContext, rationales: pl.DataFrame, storage: StorageResource,
-                    teacher: TeacherResource) -> dg.Output[pl.DataFrame]:
+    def reflections(context: dg.AssetExecutionContext, rationales: dict[str, pl.DataFrame],
+                    storage: StorageResource, teacher: TeacherResource) -> dg.Output[Any]:
         """Reflection (SPEC §2.4): deterministic checks (arithmetic, conclusion vs gold,
         unsupported claims), then the teacher's math-gap and cheating judges where needed;
         fixes inserted as a reflection turn; which check fired is recorded on the row."""
-        with shard_environment(cfg, registry, storage, teacher, context.partition_key) as env:
-            df = stages.run_reflections(rationales, env)
-            judge = _judge(cfg, registry, env)
-            if judge is not None:
-                df = stages.score_quality(df, judge, env)
-            df = _stamped(context, df, {"rationales": rationales})
-            meta = {"dagster/row_count": df.height, "passed": df.filter(pl.col("status") == "ok").height,
-                    "reflected": df.filter(pl.col("reflected").fill_null(False)).height,
-                    "quality_mean": float(df["quality"].mean() or 0.0) if judge is not None else 0.0,
-                    "checks_fired": _md_counts(stages.check_counts(df), "check", "Reflection checks fired"),
-                    "failures": _md_counts(stages.failures(df), "stage:reason", "Failures"),
-                    **stages.teacher_totals(df), **cache_metadata(env)}
-        return _versioned(df, meta)
+        def one(shard: str) -> tuple[pl.DataFrame, dict[str, Any]]:
+            with shard_environment(cfg, registry, storage, teacher, shard) as env:
+                df = stages.run_reflections(rationales[shard], env)
+                judge = _judge(cfg, registry, env)
+                if judge is not None:
+                    df = stages.score_quality(df, judge, env, prompts.rr)
+                df = _stamped(context, shard, df, {"rationales": rationales[shard]})
+                return df, {"dagster/row_count": df.height, "passed": df.filter(pl.col("status") == "ok").height,
+                            "reflected": df.filter(pl.col("reflected").fill_null(False)).height,
+                            "quality_mean": float(df["quality"].mean() or 0.0) if judge is not None else 0.0,
+                            "checks_fired": _md_counts(stages.check_counts(df), "check", "Reflection checks fired"),
+                            "failures": _md_counts(stages.failures(df), "stage:reason", "Failures"),
+                            **stages.teacher_totals(df), **cache_metadata(env),
+                            **spend_metadata(df, env.budget)}
+
+        return shard_output(context, one)
 
     return [reflections]
 
@@ -133,38 +186,46 @@ def _judge(cfg: ProjectConfig, registry: Registry, env: Any) -> Any:
     """The configured quality judge, with the shard's teacher to ask; None when not configured."""
     if not cfg.stages.judge:
         return None
-    judge = registry.create("judge", cfg.stages.judge)
-    attach = getattr(judge, "attach_teachers", None)
-    if callable(attach):
-        attach({env.teacher_name: env.teacher})
+    judge = registry.create("judge", cfg.stages.judge, base_dir=cfg.base_dir)
+    judge.attach_teachers({env.teacher_name: env.teacher})
     avail = judge.availability()
     if not avail.ok:
         raise RuntimeError(f"judge {cfg.stages.judge!r} is not usable: {avail.reason}")
     return judge
 
 
-def integration_assets(cfg: ProjectConfig) -> list[dg.AssetsDefinition]:
+def integration_assets(cfg: ProjectConfig, versions: Mapping[str, str], prompts: Prompts) -> list[dg.AssetsDefinition]:
     parts = shards_partitions(cfg)
     n_preview = cfg.stages.preview_rows
 
-    @dg.asset(partitions_def=parts, group_name="integration", code_version=OWN_VERSIONS["rr_samples"],
+    @dg.asset(partitions_def=parts, backfill_policy=shards_backfill_policy(cfg),
+              group_name="integration", code_version=versions["rr_samples"],
               kinds={"polars"})
-    def rr_samples(context: dg.AssetExecutionContext, reflections: pl.DataFrame) -> dg.Output[pl.DataFrame]:
+    def rr_samples(context: dg.AssetExecutionContext, reflections: dict[str, pl.DataFrame]) -> dg.Output[Any]:
         """RR dialogues (SPEC §2.3): one assistant turn per step in tag format, tool results
         as user turns, the summary request and the bare gold answer; system prompt first."""
-        df = _stamped(context, stages.rr_samples(reflections), {"reflections": reflections})
-        return _versioned(df, {"dagster/row_count": df.height,
-                               "preview": dg.MetadataValue.md(_dialogue_preview(df, n_preview))})
+        def one(shard: str) -> tuple[pl.DataFrame, dict[str, Any]]:
+            df = _stamped(context, shard, stages.rr_samples(reflections[shard], prompts.rr),
+                          {"reflections": reflections[shard]})
+            return df, {"dagster/row_count": df.height,
+                        "preview": dg.MetadataValue.md(_dialogue_preview(df, n_preview))}
 
-    @dg.asset(partitions_def=parts, group_name="integration", code_version=OWN_VERSIONS["orr_samples"],
+        return shard_output(context, one)
+
+    @dg.asset(partitions_def=parts, backfill_policy=shards_backfill_policy(cfg),
+              group_name="integration", code_version=versions["orr_samples"],
               kinds={"polars"})
-    def orr_samples(context: dg.AssetExecutionContext, reflections: pl.DataFrame) -> dg.Output[pl.DataFrame]:
+    def orr_samples(context: dg.AssetExecutionContext, reflections: dict[str, pl.DataFrame]) -> dg.Output[Any]:
         """ORR samples (SPEC §2.5): question plus every tool output in one user turn, all
         thoughts joined and the answer in one assistant turn; RAG text left out."""
-        df = _stamped(context, stages.orr_samples(reflections), {"reflections": reflections})
-        return _versioned(df, {"dagster/row_count": df.height,
-                               "used_rag": df.filter(pl.col("used_rag").fill_null(False)).height,
-                               "preview": dg.MetadataValue.md(_dialogue_preview(df, n_preview))})
+        def one(shard: str) -> tuple[pl.DataFrame, dict[str, Any]]:
+            df = _stamped(context, shard, stages.orr_samples(reflections[shard], prompts.orr),
+                          {"reflections": reflections[shard]})
+            return df, {"dagster/row_count": df.height,
+                        "used_rag": df.filter(pl.col("used_rag").fill_null(False)).height,
+                        "preview": dg.MetadataValue.md(_dialogue_preview(df, n_preview))}
+
+        return shard_output(context, one)
 
     @dg.asset(group_name="integration", code_version=OWN_VERSIONS["dialogue_files"], kinds={"json"},
               ins={"foundation": dg.AssetIn("foundation_samples"), "reflected": dg.AssetIn("reflections"),
@@ -180,7 +241,7 @@ def integration_assets(cfg: ProjectConfig) -> list[dg.AssetsDefinition]:
         for name, df in (("rr", all_rr), ("orr", all_orr)):
             path = storage.path("datasets", f"{name}.jsonl")
             path.parent.mkdir(parents=True, exist_ok=True)
-            with path.open("w", encoding="utf-8") as f:
+            with atomic_writer(path, encoding="utf-8") as f:  # concurrent builds: one whole file wins
                 for row in df.iter_rows(named=True):
                     f.write(json.dumps(_jsonl_row(row), ensure_ascii=False) + "\n")
             paths[name] = str(path)
@@ -220,4 +281,7 @@ def _jsonl_row(row: dict[str, Any]) -> dict[str, Any]:
 def build(cfg: ProjectConfig, registry: Registry) -> list[dg.AssetsDefinition]:
     if not cfg.sources:
         return []
-    return rationale_assets(cfg, registry) + reflection_assets(cfg, registry) + integration_assets(cfg)
+    prompts = Prompts.of(offered_tools(cfg, registry))  # one look at the tools per definitions load
+    versions = code_versions(cfg, registry, prompts)
+    return (rationale_assets(cfg, registry, versions) + reflection_assets(cfg, registry, versions, prompts)
+            + integration_assets(cfg, versions, prompts))

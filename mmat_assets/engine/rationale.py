@@ -21,8 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from mmat_assets import protocol
-from mmat_assets.contracts import Retriever, Teacher, TeacherError, TeacherReply, TeacherRequest, Tool
-from mmat_assets.engine.cache import ResultCache
+from mmat_assets.contracts import (Retriever, StepContext, StepSoFar, Teacher, TeacherError, TeacherReply,
+                                   TeacherRequest, Tool)
+from mmat_assets.engine.budget import BUDGET_REASON, Budget
+from mmat_assets.engine.cache import ResultCache, aclaim_or_wait
+from mmat_assets.engine.reflection import Declarations
 from mmat_assets.engine.tools import ToolCall, call_tool, search_cached, tool_prompt
 
 STEP_SCHEMA: dict[str, Any] = {
@@ -60,6 +63,8 @@ class StageSettings:
     rag_k: int = 3
     concurrency: int = 16
     tool_concurrency: int = 2
+    #: the build's spending cap in USD (None: no cap); see mmat_assets.engine.budget
+    budget_usd: float | None = None
 
 
 @dataclass
@@ -77,6 +82,11 @@ class Environment:
     settings: StageSettings = field(default_factory=StageSettings)
     #: one lock per (tool, image, args): questions about one image wait for its first call
     inflight: dict[str, asyncio.Lock] = field(default_factory=dict)
+    #: what the build's plugins declare for reflection's claim checks (None: the
+    #: declarations of ``tools`` alone, and no source's ground truth)
+    declarations: Declarations | None = None
+    #: the spending cap's ledger, built at the first request when settings.budget_usd is set
+    budget: Budget | None = None
 
 
 @dataclass
@@ -98,6 +108,16 @@ class Outcome:
 
 class StepError(ValueError):
     """A teacher reply that is not a valid step."""
+
+
+#: The :class:`TeacherError` reason of a rejected API key (HTTP 401/403).
+AUTH_REASON = "auth"
+
+
+class TeacherRejected(RuntimeError):
+    """The teacher rejected its credentials. Every further request would be rejected the same
+    way, so the shard stops at once instead of spending each row on it: rows still waiting
+    send nothing, rows in flight are cancelled, and the stage fails with this one line."""
 
 
 # ------------------------------------------------------------------------ parsing
@@ -151,18 +171,23 @@ def first_messages(sample: Mapping[str, Any], env: Environment) -> list[dict[str
     return [{"role": "system", "content": system}, {"role": "user", "content": parts}]
 
 
-def step_context(sample: Mapping[str, Any], env: Environment, steps: list[protocol.Step]) -> dict[str, Any]:
-    """The structured facts behind a step request (for teachers that work from facts)."""
+def step_context(sample: Mapping[str, Any], env: Environment, steps: list[protocol.Step]) -> StepContext:
+    """The structured facts behind a step request (for teachers that work from facts).
+    Keys and their order are part of the request's cache key: keep them as they are."""
     meta = sample.get("meta") or "{}"
-    return {
-        "sample_id": sample["sample_id"], "dataset": sample["dataset"], "subset": sample["subset"],
-        "question": sample["question"], "prompt": sample["prompt"], "choices": list(sample["choices"] or []),
-        "answer": sample["answer"], "answer_type": sample["answer_type"], "rationale": sample.get("rationale"),
-        "meta": json.loads(meta) if isinstance(meta, str) else meta,
-        "tools": sorted(env.tools), "retrieval": env.retriever is not None,
-        "steps": [{"thought": s.thought, "operators": [o.render() for o in s.operators], "rag": s.rag,
-                   "results": [asdict(r) for r in s.results]} for s in steps],
-    }
+    return StepContext(
+        sample_id=sample["sample_id"], dataset=sample["dataset"], subset=sample["subset"],
+        question=sample["question"], prompt=sample["prompt"], choices=list(sample["choices"] or []),
+        answer=sample["answer"], answer_type=sample["answer_type"], rationale=sample.get("rationale"),
+        meta=json.loads(meta) if isinstance(meta, str) else meta,
+        tools=sorted(env.tools), retrieval=env.retriever is not None,
+        steps=[_step_so_far(s) for s in steps],
+    )
+
+
+def _step_so_far(step: protocol.Step) -> StepSoFar:
+    return StepSoFar(thought=step.thought, operators=[o.render() for o in step.operators], rag=step.rag,
+                     results=[{"tool": r.tool, "text": r.text} for r in step.results])
 
 
 def _step_message(step: protocol.Step) -> dict[str, Any]:
@@ -180,18 +205,31 @@ async def ask(env: Environment, request: TeacherRequest) -> tuple[TeacherReply, 
     """One teacher request through the request cache; returns the reply and its record."""
     model = env.teacher.model or f"{env.teacher.name}@{env.teacher.version}"
     key = request.fingerprint(model)
-    hit = env.request_cache.get(key) if env.request_cache is not None else None
-    if hit is not None:
-        reply = TeacherReply(**hit)
-    else:
+
+    budget = _budget(env)
+
+    async def send() -> tuple[TeacherReply, dict[str, Any]]:
+        if budget is not None:
+            budget.check()  # only new requests: a cached answer costs nothing
         reply = await env.teacher.acomplete(request)
-        if env.request_cache is not None:
-            env.request_cache.put(key, asdict(reply))  # stored as it arrives: a rerun resumes here
+        if budget is not None:
+            budget.charge(reply.cost_usd)
+        return reply, asdict(reply)  # stored as it arrives: a rerun resumes here
+
+    # Claimed before it is sent: another process asking the same request waits for this answer.
+    hit, sent = await aclaim_or_wait(env.request_cache, key, send)
+    reply = TeacherReply(**hit) if hit is not None else sent
     record = {"teacher": env.teacher_name, "model": reply.model or model, "kind": request.kind,
               "prompt_version": request.prompt_version, "request_hash": key,
               "prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
               "cost_usd": reply.cost_usd, "cached": hit is not None}
     return reply, record
+
+
+def _budget(env: Environment) -> Budget | None:
+    if env.budget is None and env.settings.budget_usd is not None:
+        env.budget = Budget(env.settings.budget_usd, env.request_cache)
+    return env.budget
 
 
 # ---------------------------------------------------------------------------- loop
@@ -218,7 +256,12 @@ async def run_sample(sample: Mapping[str, Any], env: Environment, tool_gate: asy
             messages += [_step_message(step), _feedback_message(step)]
         out.failure, out.detail = "step_limit", f"no final_answer within {env.settings.max_steps} steps"
     except TeacherError as exc:
-        out.failure, out.detail = f"teacher_{exc.reason}", str(exc)
+        if exc.reason == AUTH_REASON:
+            detail = " ".join(str(exc).split())[:400]  # one line; the teacher scrubbed its key from it
+            raise TeacherRejected(f"the teacher {env.teacher_name!r} rejected the API key: {detail}") from None
+        # A row the cap stopped is not a failed one: a rerun with a higher cap resumes it.
+        reason = BUDGET_REASON if exc.reason == BUDGET_REASON else f"teacher_{exc.reason}"
+        out.failure, out.detail = reason, str(exc)
     except StepError as exc:
         out.failure, out.detail = "bad_step", str(exc)
     out.trajectory = protocol.Trajectory(sample["prompt"], steps, sample["answer"]) if steps else None
@@ -272,11 +315,18 @@ async def run_shard(samples: list[Mapping[str, Any]], env: Environment,
     done = 0
     started = time.perf_counter()
 
+    rejected: list[TeacherRejected] = []
+
     async def one(sample: Mapping[str, Any]) -> Outcome:
         nonlocal done
         async with gate:
+            if rejected:  # a row that got the gate as a rejected one left it sends nothing
+                raise rejected[0]
             try:
                 result = await run_sample(sample, env, tool_gate)
+            except TeacherRejected as exc:
+                rejected.append(exc)
+                raise
             except Exception as exc:  # an engine bug on one row must not take the shard down
                 result = Outcome(sample["sample_id"], None, failure="internal_error",
                                  detail=f"{type(exc).__name__}: {exc}")
@@ -285,6 +335,13 @@ async def run_shard(samples: list[Mapping[str, Any]], env: Environment,
             progress(done, len(samples))
         return result
 
-    results = await asyncio.gather(*(one(s) for s in samples))
+    tasks = [asyncio.ensure_future(one(s)) for s in samples]
+    try:
+        results = await asyncio.gather(*tasks)
+    except TeacherRejected:
+        for task in tasks:  # rows waiting for the gate never send a request
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
     _ = time.perf_counter() - started
     return list(results)

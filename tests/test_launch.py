@@ -1,0 +1,148 @@
+"""``mmat build --launch``: the selection as a backfill the Dagster daemon runs, k shards per run,
+one run per shard at a time; and the instance configuration that holds a second run of a shard."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import pytest
+import yaml
+
+from mmat_assets.cli import DAGSTER_YAML, ensure_dagster_home
+from tests.conftest import REPO, write_project
+from tests.test_cli import _run_build
+
+SHARDS, PER_RUN = 16, 4
+DAEMON_START_S = 180
+#: The daemon's loops wait 30 s between iterations; a test need not (only the test's daemon).
+FAST_DAEMON = ("import dagster._daemon.controller as c; c.DEFAULT_DAEMON_INTERVAL_SECONDS = 2; "
+               "from dagster._daemon.cli import main; main()")
+
+
+def qa_project(tmp: Path) -> Path:
+    tmp.mkdir(parents=True, exist_ok=True)
+    data = REPO / "tests" / "fixtures" / "qa_table"
+    return write_project(tmp, {"qa": {"plugin": "qa_table", "options": {
+        "path": str(data / "qa.jsonl"), "license": "CC0-1.0", "image_root": str(data),
+        "columns": {"question": "prompt", "answer": "gold", "id": "qid", "image": "img"}}}},
+        shards=SHARDS, foundation={"shards_per_run": PER_RUN})
+
+
+def home_of(cfg: Path) -> Path:
+    home = cfg.parent / "home"
+    old = os.environ.get("DAGSTER_HOME")
+    os.environ["DAGSTER_HOME"] = str(home)
+    try:
+        ensure_dagster_home(cfg)
+    finally:
+        if old is None:
+            os.environ.pop("DAGSTER_HOME", None)
+        else:
+            os.environ["DAGSTER_HOME"] = old
+    return home
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
+    """A project and a ``dagster-daemon run`` serving it from its own Dagster home."""
+    cfg = qa_project(tmp_path / "launched")
+    home = home_of(cfg)
+    env = {**os.environ, "DAGSTER_HOME": str(home), "MMAT_CONFIG": str(cfg)}
+    log = (tmp_path / "daemon.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-c", FAST_DAEMON, "run", "-f", "definitions.py"], cwd=REPO,
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        with dg.DagsterInstance.from_config(str(home)) as instance:
+            deadline = time.monotonic() + DAEMON_START_S
+            from mmat_assets.launch import missing_daemons
+
+            while missing_daemons(instance):
+                assert proc.poll() is None, (tmp_path / "daemon.log").read_text()[-3000:]
+                assert time.monotonic() < deadline, (tmp_path / "daemon.log").read_text()[-3000:]
+                time.sleep(1)
+        yield cfg, home
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # the daemon, its code server and any run it started
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+        log.close()
+
+
+def comparable(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    return [{k: a[k] for k in ("asset", "partitions", "rows", "status", "counts", "errors")}
+            for a in summary["assets"]]
+
+
+@pytest.mark.slow
+def test_launch_runs_the_selection_as_batched_backfill_runs(daemon: tuple[Path, Path], tmp_path: Path) -> None:
+    cfg, home = daemon
+    local = qa_project(tmp_path / "local")
+    serial = _run_build(local, local.parent / "home", "--select", "group:foundation", "--json", "--workers", "1",
+                        timeout=300)
+    assert serial.returncode == 0, serial.stdout[-3000:] + serial.stderr[-3000:]
+
+    out = _run_build(cfg, home, "--select", "group:foundation", "--launch", "--json", timeout=400)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    summary = json.loads(out.stdout)
+    assert comparable(summary) == comparable(json.loads(serial.stdout))
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        runs = instance.get_runs(filters=dg.RunsFilter(tags={"dagster/backfill": summary["backfill"]}))
+        shard_runs = [r for r in runs if dg.AssetKey("foundation_samples") in (r.asset_selection or ())]
+        assert len(shard_runs) == SHARDS // PER_RUN and all(r.status == dg.DagsterRunStatus.SUCCESS for r in runs)
+        ranges = sorted((r.tags["dagster/asset_partition_range_start"], r.tags["dagster/asset_partition_range_end"])
+                        for r in shard_runs)
+        assert ranges == [("00", "03"), ("04", "07"), ("08", "11"), ("12", "15")]
+        # every shard materialized exactly once, each with its own row count
+        mats = instance.fetch_materializations(dg.AssetKey("foundation_samples"), limit=1000).records
+        parts = sorted(m.partition_key for m in mats)
+        assert parts == [f"{i:02d}" for i in range(SHARDS)]
+        rows = sum(m.asset_materialization.metadata["dagster/row_count"].value for m in mats)
+    assert rows == next(a["rows"] for a in summary["assets"] if a["asset"] == "foundation_samples") > 0
+    assert summary["runs"] == len(runs)
+
+
+def test_launch_without_a_daemon_says_how_to_start_one(tmp_path: Path) -> None:
+    cfg = qa_project(tmp_path)
+    out = _run_build(cfg, home_of(cfg), "--select", "group:foundation", "--launch", timeout=120)
+    assert out.returncode == 1, out.stdout + out.stderr
+    text = " ".join(out.stderr.split())
+    assert "--launch needs a Dagster daemon" in text and "dagster-daemon run" in text, text
+
+
+def _run(instance: dg.DagsterInstance, tags: dict[str, str]) -> dg.DagsterRun:
+    return instance.create_run_for_job(dg.GraphDefinition("noop").to_job(), tags=tags)
+
+
+def test_the_instance_holds_a_second_run_of_a_shard_until_the_first_ends(tmp_path: Path) -> None:
+    """The limits mmat writes load into a queued coordinator, and Dagster's own dequeue
+    counter holds back a run whose shard (or batch) is already running, and only that."""
+    from dagster._core.run_coordinator import QueuedRunCoordinator
+    from dagster._utils.tags import TagConcurrencyLimitsCounter
+
+    home = home_of(qa_project(tmp_path))
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        coordinator = instance.run_coordinator
+        assert isinstance(coordinator, QueuedRunCoordinator)
+        limits = coordinator.get_run_queue_config().tag_concurrency_limits
+        batch = {"dagster/asset_partition_range_start": "00", "dagster/asset_partition_range_end": "03"}
+        running = [_run(instance, batch), _run(instance, {"dagster/partition": "05"})]
+        counter = TagConcurrencyLimitsCounter(limits, running)
+        assert counter.is_blocked(_run(instance, batch))  # the same batch again: queued
+        assert counter.is_blocked(_run(instance, {"dagster/partition": "05"}))  # the same shard again
+        assert not counter.is_blocked(_run(instance, {"dagster/partition": "06"}))
+        assert not counter.is_blocked(_run(instance, {**batch, "dagster/asset_partition_range_start": "04"}))
+    # the team deployment's instance holds shards apart the same way
+    infra = yaml.safe_load((REPO / "infra" / "dagster.yaml").read_text())["run_coordinator"]
+    assert infra == yaml.safe_load(DAGSTER_YAML)["run_coordinator"]
