@@ -9,6 +9,16 @@ of at least 0.8. Also reported: the engine's CPU seconds per sample (this proces
 request cache included, no tools run).
 
     python benchmarks/rationale_throughput.py [--rows 1024] [--latency-ms 200] [--concurrency 64]
+
+``--teacher-only`` measures the teacher alone: N requests through ``acomplete`` at
+concurrency C, no engine and no cache; it prints CPU per request and the ratio to the
+ideal ``C / latency`` requests/s (targets: at most 1.3 ms, at least 0.88).
+
+``--compare-leases`` measures the cost of claiming every request with a lease (and
+publishing each answer for other processes) against the same request cache without
+leases, on a local storage root as the local profile has: ``--rounds`` alternating runs
+of each, the best of each compared (the machine is shared: the best run is the one least
+disturbed). The target is a ratio of at least 0.97.
 """
 
 from __future__ import annotations
@@ -68,14 +78,18 @@ def rows(n: int, tmp: Path) -> pl.DataFrame:
     return pl.DataFrame(out, schema=records.FOUNDATION_COLUMNS)
 
 
-def environment(base_url: str, concurrency: int, tmp: Path, cached: bool) -> Any:
+def environment(base_url: str, concurrency: int, tmp: Path, cached: bool, leases: bool | None = None) -> Any:
+    """The stage's environment; ``leases`` None: a local-only request cache (no storage
+    root), True/False: a cache on a storage root under ``tmp``, claiming with leases or not."""
     from mmat_assets.engine.cache import ResultCache
     from mmat_assets.engine.rationale import Environment, StageSettings
     from mmat_plugins.teachers_openai import OpenAITeacher
 
     teacher = OpenAITeacher({"base_url": base_url, "model": "bench", "concurrency": concurrency,
                              "timeout_s": 60, "max_retries": 0})
-    request_cache = ResultCache(None, "teacher", 0, work_dir=tmp / "cache") if cached else None
+    root = tmp / "store" if leases is not None else None
+    request_cache = ResultCache(root, "teacher", 0, work_dir=tmp / "cache", leases=leases is not False) \
+        if cached else None
     return Environment(teacher, teacher.name, {}, None, None, None, request_cache, Path,
                        StageSettings(max_steps=3, concurrency=concurrency))
 
@@ -112,8 +126,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="leave Nagle's algorithm on in the fake server (http.server's default)")
     parser.add_argument("--no-cache", action="store_true", help="run without the request cache")
     parser.add_argument("--profile", type=Path, help="write cProfile stats here and print the top entries")
+    parser.add_argument("--compare-leases", action="store_true",
+                        help="compare the request cache with leases on and off (local storage root)")
+    parser.add_argument("--rounds", type=int, default=3, help="runs of each mode with --compare-leases (default 3)")
+    parser.add_argument("--teacher-only", action="store_true",
+                        help="time the teacher's acomplete alone (CPU per request, ratio to ideal)")
     args = parser.parse_args(argv)
     latency = args.latency_ms / 1000
+    if args.teacher_only:
+        return teacher_only(args, latency)
+    if args.compare_leases:
+        return compare_leases(args, latency)
 
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
@@ -153,6 +176,87 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"failed: {stages.failures(out)}; e.g. {out.filter(pl.col('status') == 'failed')['failure_detail'][0]}")
     return 0 if ok == args.rows else 1
+
+
+def teacher_only(args: argparse.Namespace, latency: float) -> int:
+    """``--rows`` x 2 requests straight through the teacher, C at a time."""
+    import asyncio
+
+    from mmat_assets.contracts import TeacherRequest
+    from mmat_assets.engine.rationale import STEP_SCHEMA
+    from mmat_plugins.teachers_openai import OpenAITeacher
+
+    server, parent, base_url = start_server(args, latency)
+    n = args.rows * CALLS_PER_SAMPLE
+    teacher = OpenAITeacher({"base_url": base_url, "model": "bench", "concurrency": args.concurrency,
+                             "timeout_s": 60, "max_retries": 0})
+
+    def request(i: int) -> TeacherRequest:
+        return TeacherRequest("step", [{"role": "system", "content": "Reply in JSON."},
+                                       {"role": "user", "content": f"What is a + b? (#{i})"}], "bench", STEP_SCHEMA)
+
+    async def run() -> tuple[float, float, int]:
+        await asyncio.gather(*(teacher.acomplete(request(-i - 1)) for i in range(WARM_UP_ROWS)))
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        replies = await asyncio.gather(*(teacher.acomplete(request(i)) for i in range(n)), return_exceptions=True)
+        return time.perf_counter() - wall0, time.process_time() - cpu0, sum(not isinstance(r, Exception) for r in replies)
+
+    try:
+        wall, cpu, ok = asyncio.run(run())
+        parent.send("done")
+    finally:
+        server.join(timeout=10)
+        if server.is_alive():
+            server.terminate()
+    ideal = args.concurrency / latency
+    print(f"teacher only: {n} requests ({ok} ok), latency {args.latency_ms:.0f} ms, concurrency {args.concurrency}")
+    print(f"wall: {wall:.2f} s, achieved: {n / wall:.1f} requests/s, ideal: {ideal:.1f}, "
+          f"ratio: {n / wall / ideal:.2f} (target >= 0.88); CPU: {1000 * cpu / n:.2f} ms/request (target <= 1.3)")
+    return 0 if ok == n else 1
+
+
+def start_server(args: argparse.Namespace, latency: float) -> tuple[Any, Any, str]:
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    server = ctx.Process(target=serve, args=(latency, args.backlog, not args.server_nagle, child), daemon=True)
+    server.start()
+    if not parent.poll(60):
+        raise SystemExit("the fake server did not start within 60 s")
+    return server, parent, parent.recv()
+
+
+def compare_leases(args: argparse.Namespace, latency: float) -> int:
+    """Alternate runs with leases off and on; print each, the best of each and their ratio."""
+    server, parent, base_url = start_server(args, latency)
+    best: dict[bool, float] = {}
+    failed = 0
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            warm = environment(base_url, args.concurrency, Path(tmp) / "warm", cached=False)
+            measure(rows(WARM_UP_ROWS, Path(tmp)).with_columns(pl.col("question") + " (warm-up)"), warm, None)
+            for i in range(args.rounds):
+                for leases in (False, True):
+                    run = Path(tmp) / f"{i}-{leases}"
+                    env = environment(base_url, args.concurrency, run, cached=True, leases=leases)
+                    df = rows(args.rows, Path(tmp)).with_columns(pl.col("question") + f" (run {run.name})")
+                    out, wall, cpu = measure(df, env, None)
+                    env.request_cache.close()
+                    failed += args.rows - out.filter(pl.col("status") == "ok").height
+                    rate = args.rows / wall
+                    best[leases] = max(best.get(leases, 0.0), rate)
+                    print(f"round {i + 1} leases {'on ' if leases else 'off'}: {rate:.1f} samples/s, "
+                          f"engine CPU {1000 * cpu / args.rows:.2f} ms/sample")
+        parent.send("done")
+    finally:
+        server.join(timeout=10)
+        if server.is_alive():
+            server.terminate()
+    ideal = args.concurrency / (CALLS_PER_SAMPLE * latency)
+    print(f"rows: {args.rows}, latency: {args.latency_ms:.0f} ms, concurrency: {args.concurrency}, "
+          f"rounds: {args.rounds}, ideal: {ideal:.1f} samples/s")
+    print(f"best leases off: {best[False]:.1f} samples/s, best leases on: {best[True]:.1f} samples/s, "
+          f"ratio on/off: {best[True] / best[False]:.3f} (target >= 0.97)")
+    return 0 if failed == 0 else 1
 
 
 if __name__ == "__main__":

@@ -1,20 +1,22 @@
-"""``openai``: a teacher behind any OpenAI-compatible chat-completions endpoint.
+"""``openai``: a teacher behind any OpenAI-compatible chat-completions endpoint, on the
+official ``openai`` SDK (``AsyncOpenAI`` / ``AsyncAzureOpenAI``) over its aiohttp transport.
 
 GPT-4o by default; the same code talks to vLLM, the llama.cpp server, ``transformers
-serve`` and Azure OpenAI by changing ``base_url`` (and ``auth_header`` / ``api_version`` for
-Azure). Images in request messages (``{"type": "image", "path": ...}``) are downsized and
-sent inline as PNG data URLs, so the server never needs to read our storage.
+serve`` and Azure OpenAI by changing ``base_url`` (and ``api_version`` for Azure). Images in
+request messages (``{"type": "image", "path": ...}``) are downsized and sent inline as PNG
+data URLs, so the server never needs to read our storage.
 
-Robustness is the point of this module: a dataset run makes hundreds of thousands of
-calls, so transient faults (429, 5xx, timeouts, dropped connections) are retried with
-exponential backoff and full jitter, honouring ``Retry-After``; structured output degrades
-from ``json_schema`` to ``json_object`` to plain prompting when a server rejects it; and
-replies that should be JSON are repaired locally, then re-asked once, before the row is
-given up as ``unparseable``. Every failure leaves as :class:`TeacherError` with a reason.
+The SDK does the transport: connection pooling, timeouts, retries of 408/409/429/5xx,
+timeouts and dropped connections (``max_retries``), honouring ``Retry-After`` /
+``retry-after-ms``. This module adds what it does not do: structured output degrades from
+``json_schema`` to ``json_object`` to plain prompting when a server rejects it; replies that
+should be JSON are repaired locally, then re-asked once, before the row is given up as
+``unparseable``; every call is priced; every failure leaves as :class:`TeacherError` with a
+reason (``auth`` for 401/403, which stops the stage); and the API key is scrubbed from every
+reply and message this module produces.
 
 The API key comes from the ``api_key`` option (excluded from dumps and reprs) or from the
-environment variable named by ``api_key_env``, read when a request is made. It is sent in
-one header and scrubbed from every message this module produces.
+environment variable named by ``api_key_env``, read when a client is built for an event loop.
 """
 
 from __future__ import annotations
@@ -22,21 +24,20 @@ from __future__ import annotations
 import ast
 import asyncio
 import base64
-import contextlib
-import email.utils
 import functools
 import importlib.util
 import io
 import ipaddress
 import json
 import logging
-import math
 import os
 import random
 import re
+import ssl
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Coroutine, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from urllib.parse import urlsplit
@@ -47,7 +48,7 @@ from mmat_assets.contracts import Availability, Teacher, TeacherError, TeacherRe
 from mmat_assets.hookspecs import Register, hookimpl
 
 if TYPE_CHECKING:
-    import httpx
+    import openai
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -57,12 +58,13 @@ JSON_MODES: tuple[JsonMode, ...] = ("schema", "json_object", "none")
 #: Request ``params`` forwarded to the server; anything else only shapes the cache key.
 FORWARDED_PARAMS = ("temperature", "max_tokens", "max_completion_tokens", "top_p", "seed", "stop",
                     "presence_penalty", "frequency_penalty")
-RETRYABLE_STATUS = {408: "timeout", 409: "http_error", 429: "rate_limited"}
+STATUS_REASONS = {408: "timeout", 429: "rate_limited", 401: "auth", 403: "auth"}
 LOOPBACK_NAMES = {"localhost", "ip6-localhost", "ip6-loopback"}
-#: Connections per httpx client. httpcore's pool does O(connections²) work each time a
-#: request starts or ends; one pool of 64 connections spends more CPU on that than on
-#: the requests themselves, so a high concurrency is spread over several small pools.
-POOL_CONNECTIONS = 8
+#: The header the SDK puts on every attempt of one request: how many retries came before it.
+RETRY_COUNT_HEADER = "x-stainless-retry-count"
+#: The SDK does not retry at all when a server asks to wait longer than this.
+MAX_RETRY_AFTER_S = 120.0
+CHAT_PATH = "/chat/completions"
 
 
 class ModelPrice(BaseModel):
@@ -82,7 +84,7 @@ def default_prices() -> dict[str, ModelPrice]:
 class OpenAIOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     base_url: str = Field(default="https://api.openai.com/v1",
-                          description="Endpoint root; '/chat/completions' is appended.")
+                          description="Endpoint root; the SDK appends '/chat/completions'.")
     model: str = Field(default="gpt-4o", description="Model (or Azure deployment) name sent "
                        "with every request; part of every request's cache key.")
     api_key_env: str = Field(default="OPENAI_API_KEY", description="Name of the environment "
@@ -93,23 +95,27 @@ class OpenAIOptions(BaseModel):
         "dumped or shown. Takes precedence over api_key_env.",
     )
     auth_header: Literal["authorization", "api-key"] = Field(
-        default="authorization", description="'authorization' sends 'Bearer <key>'; Azure "
-        "OpenAI keys go in an 'api-key' header.",
+        default="authorization", description="'authorization' sends 'Bearer <key>'; 'api-key' "
+        "sends the key in an 'api-key' header (Azure OpenAI; implied by api_version).",
     )
-    api_version: str | None = Field(default=None, description="Sent as the 'api-version' "
-                                    "query parameter (Azure OpenAI).")
+    api_version: str | None = Field(default=None, description="Azure OpenAI: the 'api-version' "
+                                    "query parameter. Set, the teacher uses AsyncAzureOpenAI, which "
+                                    "addresses '<base_url>/deployments/<model>' unless base_url "
+                                    "already names a deployment.")
     vision: bool = Field(default=True, description="Whether the model can look at images.")
     max_image_side: int = Field(default=768, ge=16, description="Images are downsized to "
                                 "this longest side before being sent as data URLs.")
     concurrency: int = Field(default=16, ge=1, description="Requests in flight at once "
-                             "(per event loop; sync callers share one loop).")
+                             "(per event loop; sync callers in all threads share one limit).")
     timeout_s: float = Field(default=120.0, gt=0, description="Per-request timeout.")
-    max_retries: int = Field(default=5, ge=0, description="Retries of one request after "
-                             "429, 5xx, timeouts and connection errors.")
-    backoff_base_s: float = Field(default=1.0, ge=0, description="First backoff ceiling; "
-                                  "it doubles per retry, and the wait is drawn below it.")
-    backoff_max_s: float = Field(default=60.0, ge=0, description="Largest wait between "
-                                 "retries, Retry-After included.")
+    max_retries: int = Field(default=5, ge=0, description="The SDK's retries of one request "
+                             "after 408, 409, 429, 5xx, timeouts and connection errors.")
+    backoff_base_s: float = Field(default=0.5, ge=0, description="First backoff ceiling when "
+                                  "the server sends no Retry-After; it doubles per retry, and "
+                                  "the wait is drawn below it.")
+    backoff_max_s: float = Field(default=60.0, ge=0, description="Largest backoff between "
+                                 "retries. A server's Retry-After (up to the SDK's 120 s) is "
+                                 "honoured as sent.")
     json_mode: JsonMode = Field(
         default="schema", description="How JSON is asked for when a request has a schema: "
         "'schema' (response_format json_schema), 'json_object', or 'none' (prompt only). A "
@@ -140,7 +146,7 @@ class OpenAIOptions(BaseModel):
 
 @dataclass
 class _Call:
-    """One logical request as it travels through retries, fallbacks and repairs."""
+    """One logical request as it travels through fallbacks and repairs."""
 
     messages: list[dict[str, Any]]
     schema: dict[str, Any] | None
@@ -153,6 +159,20 @@ class _Call:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     model: str = ""
+
+
+class _Fallback(Exception):
+    """A 400 to a request that carried response_format: try the next lower JSON mode."""
+
+
+@dataclass
+class _Session:
+    """The SDK client and concurrency limit of one event loop (aiohttp is loop-bound)."""
+
+    client: openai.AsyncOpenAI
+    gate: asyncio.Semaphore
+    #: closes the client when its loop shuts down (see OpenAITeacher._session)
+    keeper: Any = None
 
 
 class OpenAITeacher(Teacher):
@@ -176,15 +196,14 @@ class OpenAITeacher(Teacher):
         self._reset_runtime()
 
     def _reset_runtime(self) -> None:
-        """Loop-bound clients and the sync runner: never copied, rebuilt on demand."""
-        self._clients: dict[int, _Pools] = {}
-        self._runner: _LoopThread | None = None
-        self._lock = threading.Lock()
+        """Loop-bound clients and the sync callers' limit: never copied, rebuilt on demand."""
+        self._sessions: dict[asyncio.AbstractEventLoop, _Session] = {}
+        self._sync_gate = threading.BoundedSemaphore(self.options.concurrency)
 
     def __getstate__(self) -> dict[str, Any]:
-        # Executors may pickle or copy resources; threads, locks and sockets cannot travel.
+        # Executors may pickle or copy resources; sockets and semaphores cannot travel.
         state = self.__dict__.copy()
-        for key in ("_clients", "_runner", "_lock"):
+        for key in ("_sessions", "_sync_gate"):
             state.pop(key, None)
         return state
 
@@ -203,8 +222,10 @@ class OpenAITeacher(Teacher):
     # ------------------------------------------------------------- availability, key
 
     def availability(self) -> Availability:
-        if importlib.util.find_spec("httpx") is None:
-            return Availability(False, "the httpx package is not installed")
+        for package in ("openai", "aiohttp"):
+            if importlib.util.find_spec(package) is None:
+                return Availability(False, f"the {package} package is not installed "
+                                    "(pip install 'openai[aiohttp]')")
         if not self._api_key() and not is_loopback(self.options.base_url):
             return Availability(False, f"no API key: set ${self.options.api_key_env} "
                                 f"(or the api_key option) to call {self.options.base_url}")
@@ -216,9 +237,14 @@ class OpenAITeacher(Teacher):
         return os.environ.get(self.options.api_key_env, "")
 
     def _scrub(self, text: str) -> str:
-        """Remove the key from any text leaving this module (a server may echo it back)."""
+        """Remove the key from any text leaving this module: error details, log lines and
+        every reply, successful ones too (a server or a model may echo it back, and a reply
+        is stored in the request cache, the tables and the exports). JSON replies are
+        normalised text, so the key's JSON-escaped form is removed as well."""
         key = self._api_key()
-        return text.replace(key, "***") if len(key) >= 4 else text
+        if len(key) < 4:
+            return text
+        return text.replace(key, "***").replace(json.dumps(key, ensure_ascii=False)[1:-1], "***")
 
     def _error(self, reason: str, detail: str) -> TeacherError:
         return TeacherError(reason, self._scrub(detail))
@@ -226,36 +252,26 @@ class OpenAITeacher(Teacher):
     # ------------------------------------------------------------- public entry points
 
     def complete(self, request: TeacherRequest | Mapping[str, Any]) -> TeacherReply:
-        """Sync form: runs :meth:`acomplete` on this teacher's own event-loop thread, so
-        it works from threads with or without a running loop, and all sync callers share
-        one concurrency limit."""
-        with self._lock:
-            if self._runner is None:
-                self._runner = _LoopThread(f"{self.name}-teacher")
-        return self._runner.run(self.acomplete(request))
+        """Sync form of :meth:`acomplete` for callers in worker threads (the caption tool,
+        a judge's ``score``); all sync callers share one ``concurrency`` limit."""
+        with self._sync_gate:
+            return run_sync(self.acomplete(request))
 
     async def acomplete(self, request: TeacherRequest | Mapping[str, Any]) -> TeacherReply:
         started = time.perf_counter()
         call = await self._prepare(as_request(request))
-        content = await self._answer(call)
-        return TeacherReply(content=content, prompt_tokens=call.prompt_tokens,
-                            completion_tokens=call.completion_tokens, cost_usd=self._cost(call),
-                            model=call.model or self.model, attempts=call.attempts,
-                            latency_s=time.perf_counter() - started)
+        content = self._scrub(await self._answer(call))  # scrubbed before anyone stores it
+        return self._reply(call, content, time.perf_counter() - started)
 
     async def aclose(self) -> None:
-        """Close the HTTP client bound to the running event loop."""
-        pools = self._clients.pop(id(asyncio.get_running_loop()), None)
-        if pools is not None:
-            await pools.aclose()
+        """Close the SDK client bound to the running event loop (it is also closed when
+        that loop shuts down)."""
+        session = self._sessions.get(asyncio.get_running_loop())
+        if session is not None and session.keeper is not None:
+            await session.keeper.aclose()
 
     def close(self) -> None:
-        """Stop the sync callers' loop thread and its HTTP client."""
-        with self._lock:
-            runner, self._runner = self._runner, None
-        if runner is not None:
-            runner.run(self.aclose())
-            runner.stop()
+        """Nothing outlives a sync call: each one's client closes with its own loop."""
 
     # ------------------------------------------------------------- request building
 
@@ -263,7 +279,9 @@ class OpenAITeacher(Teacher):
         if not self.vision and has_images(request.messages):
             raise self._error("unsupported", f"model {self.model!r} is configured without vision "
                               "but the request holds images")
-        messages = await asyncio.to_thread(self._encode_messages, request.messages)
+        # Encoding images reads and resizes files: off the loop, but only when there are some.
+        messages = (await asyncio.to_thread(self._encode_messages, request.messages)
+                    if has_images(request.messages) else self._encode_messages(request.messages))
         wants = request.json_schema is not None or _asks_json_object(request.params)
         params = {k: request.params[k] for k in FORWARDED_PARAMS if k in request.params}
         return _Call(messages, request.json_schema, wants, params, json_mode=self._json_mode)
@@ -342,8 +360,21 @@ class OpenAITeacher(Teacher):
         raise self._error("unparseable", f"reply is not a JSON object ({error}): {content[:300]!r}")
 
     async def _chat(self, call: _Call, messages: list[dict[str, Any]]) -> str:
-        """One chat completion, with retries and the structured-output fallback."""
-        data = await self._post_with_retries(call, messages)
+        """One chat completion (the SDK retries it), stepping the JSON mode down on a 400."""
+        while True:
+            body = self._body(call, messages)
+            try:
+                data = await self._post(call, body)
+            except _Fallback:
+                # A 400 may be about response_format or about anything else; stepping down
+                # for this call tells which, without trusting each server's error wording.
+                call.json_mode = "none" if body["response_format"]["type"] == "json_object" else "json_object"
+                continue
+            self._remember_mode(call.json_mode)
+            return self._take(call, data)
+
+    def _take(self, call: _Call, data: Mapping[str, Any]) -> str:
+        """Count a completion's tokens and model into ``call``; its message text."""
         call.model = str(data.get("model") or call.model)
         usage: dict[str, Any] = data["usage"] if isinstance(data.get("usage"), dict) else {}
         call.prompt_tokens += _count(usage.get("prompt_tokens"))
@@ -351,36 +382,15 @@ class OpenAITeacher(Teacher):
         return self._message_text(data)
 
     def _message_text(self, data: Mapping[str, Any]) -> str:
-        choice = data["choices"][0]
-        message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
+        choices = data.get("choices")
+        if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+            raise self._error("http_error", f"not a chat completion: {json.dumps(data)[:300]}")
+        choice = choices[0]
+        message: dict[str, Any] = choice["message"] if isinstance(choice.get("message"), dict) else {}
         if message.get("refusal") or choice.get("finish_reason") == "content_filter":
             why = message.get("refusal") or "the server's content filter stopped the reply"
             raise self._error("refusal", f"{self.model} refused: {str(why)[:300]}")
         return str(message.get("content") or "")
-
-    async def _post_with_retries(self, call: _Call, messages: list[dict[str, Any]]) -> dict[str, Any]:
-        retries = 0
-        while True:
-            body = self._body(call, messages)
-            call.attempts += 1
-            outcome = await self._post_once(body)
-            if isinstance(outcome, dict):
-                self._remember_mode(call.json_mode)
-                return outcome
-            if outcome.fallback:
-                # A 400 may be about response_format or about anything else; stepping down
-                # for this call tells which, without trusting each server's error wording.
-                sent = body["response_format"]["type"]
-                call.json_mode = "none" if sent == "json_object" else "json_object"
-                continue
-            if not outcome.retry or retries >= self.options.max_retries:
-                raise self._error(outcome.reason, f"{outcome.detail} (after {call.attempts} "
-                                  f"attempt{'s' if call.attempts > 1 else ''})")
-            retries += 1
-            delay = self._delay(retries, outcome.retry_after)
-            log.warning("%s: %s; retry %d/%d in %.2fs", self.model, self._scrub(outcome.detail),
-                        retries, self.options.max_retries, delay)
-            await asyncio.sleep(delay)
 
     def _remember_mode(self, mode: JsonMode) -> None:
         if JSON_MODES.index(mode) > JSON_MODES.index(self._json_mode):
@@ -388,91 +398,125 @@ class OpenAITeacher(Teacher):
                         self.options.base_url, mode)
             self._json_mode = mode
 
-    def _delay(self, retry: int, retry_after: float | None) -> float:
-        """Full jitter below an exponential ceiling, unless the server said how long."""
-        if retry_after is not None:
-            return min(max(retry_after, 0.0), self.options.backoff_max_s)
-        ceiling = min(self.options.backoff_max_s, self.options.backoff_base_s * 2 ** (retry - 1))
-        return random.uniform(0, ceiling)
+    def _reply(self, call: _Call, content: str, latency_s: float) -> TeacherReply:
+        return TeacherReply(content=content, prompt_tokens=call.prompt_tokens,
+                            completion_tokens=call.completion_tokens, cost_usd=self._cost(call),
+                            model=self._scrub(call.model or self.model), attempts=call.attempts,
+                            latency_s=latency_s)
 
-    async def _post_once(self, body: dict[str, Any]) -> dict[str, Any] | _Failure:
-        import httpx
+    # ------------------------------------------------------------- the SDK
 
+    async def _post(self, call: _Call, body: dict[str, Any]) -> dict[str, Any]:
+        """POST one chat completion through the SDK; the decoded body, or TeacherError."""
+        import httpx2
+        import openai
+
+        session = await self._session()
         try:
-            async with self._pools().lease() as client:
-                resp = await client.post(self._url(), json=body, headers=self._headers())
-        except httpx.TimeoutException as exc:
-            return _Failure("timeout", f"no reply within {self.options.timeout_s}s "
-                            f"({type(exc).__name__})", retry=True)
-        except httpx.TransportError as exc:
-            return _Failure("http_error", f"connection failed: {type(exc).__name__}: {exc}",
-                            retry=True)
-        return self._judge_response(resp, "response_format" in body)
-
-    def _judge_response(self, resp: httpx.Response, sent_format: bool) -> dict[str, Any] | _Failure:
-        status = resp.status_code
-        detail = f"HTTP {status} from {self.options.base_url}: {resp.text[:300]}"
-        if status == 200:
-            return self._json_body(resp)
-        if status == 400 and sent_format:
-            return _Failure("http_error", detail, fallback=True)
-        retry_after = parse_retry_after_ms(resp.headers.get("retry-after-ms"))
-        if retry_after is None:
-            retry_after = parse_retry_after(resp.headers.get("retry-after"))
-        if status in RETRYABLE_STATUS or status >= 500:
-            return _Failure(RETRYABLE_STATUS.get(status, "http_error"), detail, retry=True,
-                            retry_after=retry_after)
-        return _Failure("http_error", detail)
-
-    def _json_body(self, resp: httpx.Response) -> dict[str, Any] | _Failure:
-        # A 200 whose body is not a chat completion is a server fault (a proxy's HTML page,
-        # a truncated body): worth another try like a 5xx.
+            async with session.gate:
+                # The plain JSON body goes out as it is: ``chat.completions.create`` would walk
+                # every message through the SDK's TypedDict transform (half its CPU per request)
+                # and parse the reply into pydantic models only to be dumped again here.
+                resp = await session.client.post(CHAT_PATH, body=body, cast_to=httpx2.Response,
+                                                 options=self._request_options())  # type: ignore[call-overload]
+        except openai.APIStatusError as exc:
+            call.attempts += _attempts(exc.response.request)
+            raise self._status_failure(exc.response, "response_format" in body) from None
+        except openai.APIConnectionError as exc:  # APITimeoutError included
+            call.attempts += _attempts(exc.request)
+            raise self._connection_failure(exc, call.attempts) from None
+        call.attempts += _attempts(resp.request)
         try:
             data = resp.json()
         except ValueError:
             data = None
-        choices = data.get("choices") if isinstance(data, dict) else None
-        if isinstance(choices, list) and choices and isinstance(choices[0], dict):
-            return dict(data)
-        return _Failure("http_error", f"HTTP 200 but not a chat completion: {resp.text[:300]}",
-                        retry=True)
+        if not isinstance(data, dict):
+            raise self._error("http_error", f"HTTP {resp.status_code} but not a chat completion: {resp.text[:300]}")
+        return data
 
-    # ------------------------------------------------------------- HTTP plumbing
+    def _connection_failure(self, exc: Exception, attempts: int) -> TeacherError:
+        # The aiohttp transport reports a refused connection as a connect *timeout*; what
+        # really happened is at the bottom of the exception chain.
+        root = _root_cause(exc)
+        if isinstance(root, TimeoutError):
+            return self._error("timeout", f"no reply within {self.options.timeout_s}s from "
+                               f"{self.options.base_url} ({_tries(attempts)})")
+        return self._error("http_error", f"connection failed: {type(root).__name__}: {root} "
+                           f"({_tries(attempts)})")
 
-    def _url(self) -> str:
-        return self.options.base_url.rstrip("/") + "/chat/completions"
+    def _status_failure(self, resp: Any, sent_format: bool) -> Exception:
+        status = int(resp.status_code)
+        if status == 400 and sent_format:
+            return _Fallback()
+        detail = f"HTTP {status} from {self.options.base_url}: {resp.text[:300]}"
+        reason = STATUS_REASONS.get(status, "http_error")  # auth: every other request would fail too
+        return self._error(reason, detail)
 
-    def _headers(self) -> dict[str, str]:
+    def _request_options(self) -> dict[str, Any]:
+        """Per-request headers where the SDK's own auth does not fit: none at all for a local
+        server without a key (the SDK insists on some), or the key in an 'api-key' header
+        outside Azure."""
+        from openai import omit
+
         key = self._api_key()
         if not key:
-            return {}
-        if self.options.auth_header == "api-key":
-            return {"api-key": key}
-        return {"Authorization": f"Bearer {key}"}
+            return {"headers": {"Authorization": omit, "api-key": omit}}
+        if self.options.auth_header == "api-key" and not self.options.api_version:
+            return {"headers": {"api-key": key, "Authorization": omit}}
+        return {}
 
-    def _pools(self) -> _Pools:
-        """The HTTP clients and concurrency limit of the running loop (both are loop-bound)."""
-        import httpx
+    async def _session(self) -> _Session:
+        """The SDK client and concurrency limit of the running loop, built on first use.
 
+        A client lives as long as its loop: an async generator registered with the loop
+        closes it when the loop shuts its generators down (``asyncio.run`` does, at the end
+        of every shard and of every sync call), so no caller has to remember to.
+        """
         loop = asyncio.get_running_loop()
-        # Forget clients of loops that have ended (asyncio.run per call, say); they cannot
-        # be closed from here, and their ids may be reused by new loops.
-        for key in [k for k, e in self._clients.items() if e.loop.is_closed()]:
-            del self._clients[key]
-        pools = self._clients.get(id(loop))
-        if pools is None or pools.loop is not loop:
-            params = {"api-version": self.options.api_version} if self.options.api_version else None
-            tls = httpx.create_ssl_context()  # built once: loading the CA bundle takes ~50 ms
+        session = self._sessions.get(loop)
+        if session is None:
+            for old in [k for k in self._sessions if k.is_closed()]:  # loops ended without shutdown
+                del self._sessions[old]
+            session = _Session(self._client(), asyncio.Semaphore(self.options.concurrency))
+            session.keeper = self._keep(loop, session.client)
+            self._sessions[loop] = session
+            await session.keeper.__anext__()  # the first step registers it with the loop
+        return session
 
-            def client(connections: int) -> httpx.AsyncClient:
-                # keep-alive for every connection: httpx keeps 20 by default, and closing
-                # the rest means a new TCP connection for most requests at high concurrency
-                limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
-                return httpx.AsyncClient(timeout=self.options.timeout_s, params=params, limits=limits, verify=tls)
+    async def _keep(self, loop: asyncio.AbstractEventLoop, client: openai.AsyncOpenAI) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            if self._sessions.get(loop) is not None and self._sessions[loop].client is client:
+                del self._sessions[loop]
+            await client.close()
 
-            pools = _Pools(loop, client, self.options.concurrency)
-            self._clients[id(loop)] = pools
-        return pools
+    def _client(self) -> openai.AsyncOpenAI:
+        import httpx2
+        import openai
+
+        o = self.options
+        connections = max(o.concurrency, 1)
+        http = openai.DefaultAioHttpClient(
+            timeout=httpx2.Timeout(o.timeout_s), verify=tls_context(),
+            limits=httpx2.Limits(max_connections=connections, max_keepalive_connections=connections))
+        key = self._api_key() or "no-key"  # never sent: see _request_options
+        common: dict[str, Any] = {"api_key": key, "max_retries": o.max_retries, "timeout": o.timeout_s,
+                                  "http_client": http}
+        plain, azure = sdk_classes()
+        if o.api_version:
+            client: openai.AsyncOpenAI = azure(base_url=o.base_url, api_version=o.api_version, **common)
+        else:
+            client = plain(base_url=o.base_url, **common)
+        client.backoff = self._backoff  # type: ignore[attr-defined]
+        return client
+
+    def _backoff(self, retry: int) -> float:
+        """Full jitter below an exponential ceiling, for retries without a Retry-After."""
+        ceiling = min(self.options.backoff_max_s, self.options.backoff_base_s * 2 ** (retry - 1))
+        return random.uniform(0, ceiling)
+
+    # ------------------------------------------------------------- prices
 
     def _cost(self, call: _Call) -> float:
         """USD for every call made for one request (re-asks included); 0 for unknown models."""
@@ -489,66 +533,75 @@ class OpenAITeacher(Teacher):
         return self.options.prices[max(matches, key=len)] if matches else None
 
 
-@dataclass
-class _Failure:
-    """Why one HTTP attempt did not produce a chat completion, and what to do about it."""
-
-    reason: str
-    detail: str
-    retry: bool = False
-    retry_after: float | None = None
-    fallback: bool = False
+# ----------------------------------------------------------------------- SDK clients
 
 
-class _Pools:
-    """Small httpx clients behind one concurrency limit; a request takes the least busy.
+class _Backoff:
+    """The SDK's retry loop with this teacher's backoff: a server's ``Retry-After`` is
+    honoured through the SDK's own parsing; without one, the wait is the teacher's."""
 
-    The limit never exceeds the connections of all clients together, so the least busy
-    client always has a free connection and no request queues inside httpx.
-    """
+    backoff: Any  # (retry number) -> seconds
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, client: Callable[[int], httpx.AsyncClient],
-                 concurrency: int, per_client: int = POOL_CONNECTIONS) -> None:
-        count = max(1, math.ceil(concurrency / per_client))
-        self.loop = loop
-        self.clients = [client(math.ceil(concurrency / count)) for _ in range(count)]
-        self.busy = [0] * count
-        self.semaphore = asyncio.Semaphore(concurrency)
-
-    @contextlib.asynccontextmanager
-    async def lease(self) -> AsyncIterator[httpx.AsyncClient]:
-        async with self.semaphore:
-            i = min(range(len(self.busy)), key=self.busy.__getitem__)
-            self.busy[i] += 1
-            try:
-                yield self.clients[i]
-            finally:
-                self.busy[i] -= 1
-
-    async def aclose(self) -> None:
-        for client in self.clients:
-            await client.aclose()
+    def _calculate_retry_timeout(self, remaining_retries: int, options: Any,
+                                 response_headers: Any = None) -> float:
+        retry_after = self._parse_retry_after_header(response_headers)  # type: ignore[attr-defined]
+        if retry_after is not None and 0 < retry_after <= MAX_RETRY_AFTER_S:
+            return float(retry_after)
+        retry = options.get_max_retries(self.max_retries) - remaining_retries + 1  # type: ignore[attr-defined]
+        return float(self.backoff(retry))
 
 
-class _LoopThread:
-    """An event loop running in a daemon thread, for sync callers of async code."""
+@functools.cache
+def sdk_classes() -> tuple[type[openai.AsyncOpenAI], type[openai.AsyncAzureOpenAI]]:
+    """``AsyncOpenAI`` and ``AsyncAzureOpenAI`` with :class:`_Backoff`; built on first use,
+    since importing the SDK takes a while and most commands never call a teacher."""
+    import openai
 
-    def __init__(self, name: str) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
-        self.thread.start()
+    class Client(_Backoff, openai.AsyncOpenAI):
+        pass
 
-    def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        if threading.current_thread() is self.thread:
-            coro.close()
-            raise RuntimeError("complete() called from inside the teacher's own loop; "
-                               "await acomplete() there instead")
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+    class AzureClient(_Backoff, openai.AsyncAzureOpenAI):
+        pass
 
-    def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=5)
-        self.loop.close()
+    return Client, AzureClient
+
+
+@functools.cache
+def tls_context() -> ssl.SSLContext:
+    """One TLS context for every client: loading the CA bundle takes tens of ms, and sync
+    callers build a client per call."""
+    import httpx2
+
+    return httpx2.create_ssl_context()
+
+
+def run_sync(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine to completion from sync code, with or without a running loop in this
+    thread (a sync caller inside async code blocks its loop either way)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    with ThreadPoolExecutor(1, thread_name_prefix="openai-teacher") as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
+def _attempts(request: Any) -> int:
+    """HTTP attempts the SDK made for one request, from the retry count it sent last."""
+    try:
+        return int(request.headers.get(RETRY_COUNT_HEADER, 0)) + 1
+    except (AttributeError, TypeError, ValueError):
+        return 1
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    while exc.__cause__ is not None or exc.__context__ is not None:
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return exc
+
+
+def _tries(n: int) -> str:
+    return f"after {n} attempt{'s' if n > 1 else ''}"
 
 
 # ----------------------------------------------------------------------- pure helpers
@@ -601,47 +654,23 @@ def is_loopback(base_url: str) -> bool:
         return False
 
 
-def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header: delta-seconds or an HTTP date."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        return max(float(value), 0.0)
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(when.timestamp() - (time.time() if now is None else now), 0.0)
-
-
-def parse_retry_after_ms(value: str | None) -> float | None:
-    """Seconds from OpenAI's and Azure's finer ``retry-after-ms`` header."""
-    try:
-        return max(float(value), 0.0) / 1000 if value else None
-    except ValueError:
-        return None
-
-
 @functools.lru_cache(maxsize=64)
 def image_data_url(path: str, mtime_ns: int, max_side: int) -> str:
     """A PNG data URL of the image at ``path``, longest side at most ``max_side``.
 
     Cached by modification time: a dialogue sends the same image with every step.
     """
-    from mmat_assets.engine.tools import open_rgb
+    from mmat_assets.toolkit.images import open_rgb
 
     return _png_data_url(open_rgb(path, max_side))
 
 
 def bytes_data_url(data: bytes | str, max_side: int) -> str:
     """The same for an image given as bytes (or base64 text)."""
-    from mmat_assets.engine.tools import open_rgb
+    from mmat_assets.toolkit.images import open_rgb
 
     raw = base64.b64decode(data) if isinstance(data, str) else data
-    return _png_data_url(open_rgb(io.BytesIO(raw), max_side))  # type: ignore[arg-type]
+    return _png_data_url(open_rgb(io.BytesIO(raw), max_side))
 
 
 def _png_data_url(image: Any) -> str:

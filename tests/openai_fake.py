@@ -70,6 +70,8 @@ class FakeOpenAI:
     counts: Counter[str] = field(default_factory=Counter, init=False)
     bodies: list[dict[str, Any]] = field(default_factory=list, init=False)
     auth: list[str] = field(default_factory=list, init=False)
+    #: which header carried credentials per request: "authorization", "api-key" or "" (none)
+    auth_headers: list[str] = field(default_factory=list, init=False)
     paths: list[str] = field(default_factory=list, init=False)
     statuses: list[int] = field(default_factory=list, init=False)
     in_flight: int = field(default=0, init=False)
@@ -209,6 +211,8 @@ def _handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
             present = self.headers.get("Authorization") or self.headers.get("api-key")
             index, repeat, digest = fake._arrive(raw, body, "present" if present else "absent",
                                                 self.path)
+            with fake._lock:
+                fake.auth_headers.append(",".join(h for h in ("authorization", "api-key") if self.headers.get(h)))
             self._counted = True
             status = 500
             try:

@@ -19,13 +19,7 @@ from PIL import Image
 
 from mmat_assets.contracts import TeacherError, TeacherRequest
 from mmat_assets.plugins import load_registry
-from mmat_plugins.teachers_openai import (
-    OpenAIOptions,
-    OpenAITeacher,
-    parse_retry_after,
-    parse_retry_after_ms,
-    repair_json,
-)
+from mmat_plugins.teachers_openai import OpenAIOptions, OpenAITeacher, repair_json
 from tests.openai_fake import FakeOpenAI, step_reply
 
 KEY = "sk-test-0123456789-SECRET-abcdef"
@@ -218,13 +212,21 @@ def test_429_waits_for_retry_after_then_succeeds(fake: FakeOpenAI) -> None:
     assert fake.statuses == [429, 200]
 
 
-def test_retry_after_as_seconds_or_http_date() -> None:
-    now = time.time()
-    assert parse_retry_after("3") == 3.0
-    assert parse_retry_after(formatdate(now + 30, usegmt=True), now=now) == pytest.approx(30, abs=1)
-    assert parse_retry_after(formatdate(now - 30, usegmt=True), now=now) == 0.0
-    assert parse_retry_after("soon") is None and parse_retry_after(None) is None
-    assert parse_retry_after_ms("1500") == 1.5 and parse_retry_after_ms("x") is None
+def test_retry_after_as_an_http_date_is_honoured(fake: FakeOpenAI) -> None:
+    fake.script, fake.retry_after = ["rate_limit", None], formatdate(time.time() + 2, usegmt=True)
+    started = time.perf_counter()
+    reply = make_teacher(fake).complete(step_request())
+    assert time.perf_counter() - started >= 0.5  # the date is whole seconds: at least ~1 s ahead
+    assert reply.attempts == 2 and fake.statuses == [429, 200]
+
+
+def test_backoff_without_retry_after_is_the_teachers(fake: FakeOpenAI) -> None:
+    # The SDK's own backoff starts at 0.5 s; backoff_base_s 0.01 keeps two retries far below.
+    fake.script = ["server_error", "server_error", None]
+    started = time.perf_counter()
+    reply = make_teacher(fake, backoff_base_s=0.01, backoff_max_s=0.02).complete(step_request())
+    assert time.perf_counter() - started < 0.4
+    assert reply.attempts == 3 and fake.statuses == [500, 500, 200]
 
 
 def test_500s_are_retried_then_succeed(fake: FakeOpenAI) -> None:
@@ -356,7 +358,18 @@ def test_key_from_the_named_env_var_or_an_options_object(fake: FakeOpenAI,
     assert fake.auth == ["present", "present", "absent"]
 
 
-def test_azure_style_key_header_and_api_version(fake: FakeOpenAI) -> None:
-    teacher = make_teacher(fake, auth_header="api-key", api_version="2024-10-21")
-    teacher.complete(step_request())
-    assert fake.auth == ["present"] and fake.paths == ["/v1/chat/completions?api-version=2024-10-21"]
+def test_azure_key_header_api_version_and_deployment_path(fake: FakeOpenAI) -> None:
+    # AsyncAzureOpenAI: the key in 'api-key', the version as a query, the model as deployment
+    make_teacher(fake, api_version="2024-10-21").complete(step_request())
+    deployment = OpenAITeacher({"base_url": fake.base_url + "/deployments/mine", "api_key": KEY, **FAST,
+                                "api_version": "2024-10-21"})
+    deployment.complete(step_request())
+    assert fake.auth_headers == ["api-key", "api-key"]
+    assert fake.paths == ["/v1/deployments/gpt-4o/chat/completions?api-version=2024-10-21",
+                          "/v1/deployments/mine/chat/completions?api-version=2024-10-21"]
+
+
+def test_api_key_header_without_azure(fake: FakeOpenAI) -> None:
+    make_teacher(fake, auth_header="api-key").complete(step_request())
+    make_teacher(fake).complete(step_request())
+    assert fake.auth_headers == ["api-key", "authorization"] and fake.paths == ["/v1/chat/completions"] * 2
