@@ -40,6 +40,7 @@ import threading
 import time
 import uuid
 from abc import ABC, abstractmethod
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -430,6 +431,8 @@ class Leases:
         self.pidns = _pid_namespace() if holder is None else ""
         self.stats = LeaseStats()
         self._held: dict[str, Lease] = {}
+        #: keys some thread of ours is creating a lease for right now (not yet in _held)
+        self._creating: Counter[str] = Counter()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._beat: threading.Thread | None = None
@@ -456,14 +459,22 @@ class Leases:
     def acquire(self, key: str) -> Lease | None:
         """The lease on ``key`` if free or expired (created or taken over), else None."""
         data, expires = self._body()
-        etag = self.store.create(key, data)
-        if etag is None:
-            etag = self._take_over(key, data)
+        with self._lock:
+            self._creating[key] += 1
+        try:
+            etag = self.store.create(key, data)
+            if etag is None:
+                etag = self._take_over(key, data)
+        except BaseException:
+            with self._lock:
+                self._creating[key] -= 1
+            raise
+        with self._lock:
+            self._creating[key] -= 1
             if etag is None:
                 self.stats.busy += 1
                 return None
-        lease = Lease(key, etag, expires)
-        with self._lock:
+            lease = Lease(key, etag, expires)
             self._held[key] = lease
             self.stats.acquired += 1
             self._start_heartbeat()
@@ -474,8 +485,11 @@ class Leases:
         if current is None:  # released between our create and our read: one more try
             return self.store.create(key, data)
         holder, expires = self._judge(current)
-        if holder == self.holder:  # held by another task of ours, or our own create went
-            return None if key in self._held else current.etag  # through though its reply was lost
+        if holder == self.holder:  # held by another thread of ours (registered, or still between
+            # its create and registering it), or our own create went through though its reply was lost
+            with self._lock:
+                sibling = key in self._held or self._creating[key] > 1
+            return None if sibling else current.etag
         if time.time() <= expires:
             return None
         etag = self.store.replace(key, current.etag, data)
