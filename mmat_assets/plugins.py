@@ -16,7 +16,7 @@ import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pluggy
 
@@ -46,6 +46,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "mmat_plugins.judges_teacher",
 )
 ENTRY_POINT_GROUP = "mmat"
+C = TypeVar("C", bound=contracts.Component[Any])
 BLOCK_ENV = "MMAT_BLOCK_PLUGINS"
 
 ROLE_BASES: dict[str, type[contracts.Component[Any]]] = {
@@ -109,15 +110,29 @@ class Registry:
         before the class's ``__init__`` runs: relative option paths resolve against it from
         the start, and a plugin's own ``__init__(options)`` needs no extra argument.
         """
-        cls = self.get(role, name).cls
-        obj = cls.__new__(cls)
-        obj.base_dir = Path(base_dir) if base_dir is not None else Path.cwd()
-        cls.__init__(obj, options)
-        return obj
+        return create(self.get(role, name).cls, options, base_dir=base_dir)
 
     def all(self) -> Iterable[Implementation]:
         for role in ROLE_BASES:
             yield from self.impls.get(role, {}).values()
+
+
+def create(cls: type[C], options: Mapping[str, Any] | None = None, *, base_dir: str | Path | None = None) -> C:
+    """Instantiate an implementation class as :meth:`Registry.create` does: ``base_dir``
+    set before ``__init__`` runs."""
+    obj = cls.__new__(cls)
+    obj.base_dir = Path(base_dir) if base_dir is not None else Path.cwd()
+    cls.__init__(obj, options)
+    return obj
+
+
+def class_ref(cls: type[Any]) -> str:
+    """``module:qualname``, how another process imports ``cls`` (see :func:`create`); a class
+    defined inside a function or in ``__main__`` has none (ValueError)."""
+    if "<locals>" in cls.__qualname__ or cls.__module__ == "__main__":
+        raise ValueError(f"{cls.__module__}.{cls.__qualname__} cannot be imported by another process: "
+                         "define it at the top level of an importable module")
+    return f"{cls.__module__}:{cls.__qualname__}"
 
 
 def blocked_names(environ: Mapping[str, str] | None = None) -> set[str]:
@@ -261,6 +276,8 @@ __all__ = [
     "DEFAULT_PLUGINS",
     "Implementation",
     "Registry",
+    "class_ref",
+    "create",
     "get_plugin_manager",
     "load_registry",
     "plugin_name",

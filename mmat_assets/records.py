@@ -32,7 +32,7 @@ failure_stage  str?                             rationale | reflection
 failure_detail str?                             the failure's message
 trajectory     str?                             JSON of the reasoning (protocol.Trajectory)
 steps          int?                             assistant steps in the trajectory
-grounding      str?                             gold | minimal (grounded teacher) | ""
+grounding      str?                             gold | gold:gap (derivation left out on purpose) | minimal (grounded teacher) | ""
 used_rag       bool?                            the dialogue searched (ORR drops RAG text)
 checks         list[str]?                       reflection checks that fired
 reflected      bool?                            a reflection fix was inserted
@@ -146,4 +146,4 @@ def empty_quarantine() -> pl.DataFrame:
 def conform(df: pl.DataFrame) -> pl.DataFrame:
     """Add missing stage columns as nulls and order columns as the schema declares."""
     missing = [pl.lit(None, dtype=t).alias(c) for c, t in SAMPLE_SCHEMA.items() if c not in df.columns]
-    return df.with_columns(missing).select(list(SAMPLE_SCHEMA)).cast(dict(SAMPLE_SCHEMA))
+    return df.with_columns(missing).select(list(SAMPLE_SCHEMA)).cast(SAMPLE_SCHEMA)

@@ -65,7 +65,8 @@ def frame_version(df: pl.DataFrame) -> str:
     sink.sha.update(str(df.schema).encode())
     if df.schema.get("provenance") == pl.String:
         df = df.with_columns(pl.col("provenance").str.replace_all(RUN_FLAGS, ""))
-    df.write_ndjson(sink)
+    with io.BufferedWriter(sink) as out:  # a binary file object, as write_ndjson takes
+        df.write_ndjson(out)
     return sink.sha.hexdigest()[:DIGITS]
 
 

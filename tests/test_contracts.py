@@ -152,6 +152,19 @@ def test_a_contract_only_trainer_trains_out_of_process_registry(plain_build: Kit
     assert out["steps"] == 2 and Path(out["checkpoint"]).is_dir()
 
 
+def test_a_contract_only_trainer_builds_the_tuned_model(tmp_path: Path) -> None:
+    """``tuned_model`` trains out of process with a trainer that implements only ``train``
+    (no ``student`` option, no loss reported)."""
+    built = build_with(tmp_path, [plain], select="*tuned_model", sources={"plain": {"plugin": "plain_source"}},
+                       teachers={"plain": {"plugin": "plain_teacher"}},
+                       export={"exporters": ["kit_jsonl"], "student": "plain-student"},
+                       training={"trainer": "plain_trainer", "exporter": "kit_jsonl"})
+    assert built.ok, built.causes
+    tuned = json.loads((tmp_path / "store" / "tables" / "tuned_model.json").read_text())
+    assert (tuned["trainer"], tuned["steps"]) == ("plain_trainer", 2)  # one step a line: the two RR records
+    assert Path(tuned["checkpoint"]).is_dir() and "student" not in tuned["training_config"]
+
+
 class _ProbedTool(Tool):
     name = "probed"
     description = "Echoes its arguments."

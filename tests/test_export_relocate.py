@@ -133,7 +133,7 @@ def test_ms_swift_rows_resolve_against_root_image_dir_and_encode(moved: dict[str
                                                                  student_dir: Path) -> None:
     from transformers import AutoProcessor
 
-    from mmat_plugins._hf_student import encode_record
+    from mmat_plugins.trainers_hf_lora import encode_record
 
     folder = moved["ms_swift"]
     processor = AutoProcessor.from_pretrained(str(student_dir))

@@ -10,8 +10,7 @@ import pytest
 
 from mmat_assets.engine import export as ex
 from mmat_assets.plugins import load_registry
-from mmat_plugins._hf_student import encode_record
-from mmat_plugins.trainers_hf_lora import HFLoRATrainer
+from mmat_plugins.trainers_hf_lora import HFLoRATrainer, encode_record
 from tests.test_export import _records
 from tests.test_student import build_test_student, student_cache
 

@@ -1,9 +1,11 @@
 """The seam between host and plugins holds in both directions.
 
 Built-in plugins import only the public plugin API (``hookspecs``, ``contracts``,
-``records``, ``protocol``) and the toolkit, exactly what a third party can import; the
-host imports ``mmat_plugins`` only by the module names in its built-in plugin list.
-Every import counts, including those inside functions and under ``TYPE_CHECKING``.
+``records``, ``protocol``) and the toolkit, exactly what a third party can import: not the
+host's internals, and not each other (a private sibling module such as ``_helpers`` is a
+host internal by another name). The host imports ``mmat_plugins`` only by the module names
+in its built-in plugin list. Every import counts, including relative ones and those inside
+functions and under ``TYPE_CHECKING``.
 """
 
 from __future__ import annotations
@@ -21,16 +23,34 @@ PUBLIC = ("mmat_assets.hookspecs", "mmat_assets.contracts", "mmat_assets.records
           "mmat_assets.toolkit")
 
 
-def imported_modules(path: Path) -> Iterator[tuple[int, str]]:
+PACKAGES = {"plugins": "mmat_plugins"}  # source folder -> the package name it installs as
+
+
+def package_of(path: Path, root: Path) -> str:
+    """The dotted package a file under ``root`` belongs to (what its relative imports start from)."""
+    folders = path.parent.relative_to(root).parts
+    return ".".join([PACKAGES.get(folders[0], folders[0]), *folders[1:]]) if folders else ""
+
+
+def imported_modules(path: Path, package: str = "") -> Iterator[tuple[int, str]]:
     """``(line, module)`` for every import in a file; ``from a import b`` yields ``a.b`` too,
-    since ``b`` may be a module (``from mmat_assets import engine``)."""
+    since ``b`` may be a module (``from mmat_assets import engine``). Relative imports are
+    resolved against ``package`` (``from . import _x`` in ``mmat_plugins`` is ``mmat_plugins._x``)."""
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
         if isinstance(node, ast.Import):
             for alias in node.names:
                 yield node.lineno, alias.name
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+        elif isinstance(node, ast.ImportFrom):
+            base = _absolute(node.module, node.level, package)
             for alias in node.names:
-                yield node.lineno, f"{node.module}.{alias.name}"
+                yield node.lineno, f"{base}.{alias.name}"
+
+
+def _absolute(module: str | None, level: int, package: str) -> str:
+    if not level:
+        return module or ""
+    parts = package.split(".")[: len(package.split(".")) - (level - 1)]
+    return ".".join([*parts, *([module] if module else [])])
 
 
 def is_public(module: str) -> bool:
@@ -41,11 +61,15 @@ def names_host(module: str) -> bool:
     return module == "mmat_assets" or module.startswith("mmat_assets.")
 
 
+def names_plugin(module: str) -> bool:
+    return module.split(".")[0] == "mmat_plugins"
+
+
 def plugin_violations(root: Path) -> list[str]:
     return [f"{path.relative_to(root)}:{line}: {module}"
             for path in sorted((root / "plugins").rglob("*.py"))
-            for line, module in imported_modules(path)
-            if names_host(module) and not is_public(module)]
+            for line, module in imported_modules(path, package_of(path, root))
+            if (names_host(module) and not is_public(module)) or names_plugin(module)]
 
 
 def in_plugin_list(module: str) -> bool:
@@ -57,8 +81,8 @@ def in_plugin_list(module: str) -> bool:
 def host_violations(root: Path) -> list[str]:
     return [f"{path.relative_to(root)}:{line}: {module}"
             for path in sorted((root / "mmat_assets").rglob("*.py"))
-            for line, module in imported_modules(path)
-            if module.split(".")[0] == "mmat_plugins" and not in_plugin_list(module)]
+            for line, module in imported_modules(path, package_of(path, root))
+            if names_plugin(module) and not in_plugin_list(module)]
 
 
 def test_plugins_import_only_the_public_api_and_the_toolkit() -> None:
@@ -85,7 +109,12 @@ def test_built_in_plugin_list_holds_only_plugin_modules() -> None:
     ("from mmat_assets import contracts\n", False),
     ("from mmat_assets.toolkit.images import open_rgb\n", False),
     ("from mmat_assets.hookspecs import hookimpl\n", False),
-    ("from mmat_plugins._helpers import x\nimport json\n", False),  # a plugin's own helpers
+    ("import json\nfrom pydantic import BaseModel\n", False),  # third-party packages
+    ("from mmat_plugins._helpers import x\n", True),  # a private sibling module
+    ("from . import _helpers as h\n", True),  # the same, relative
+    ("from ._helpers import IGNORE\n", True),
+    ("def f():\n    from .tools_ocr import OcrTool\n", True),  # another plugin module
+    ("import mmat_plugins._helpers\n", True),
 ])
 def test_the_scan_sees_every_kind_of_import(tmp_path: Path, source: str, bad: bool) -> None:
     (tmp_path / "plugins").mkdir()
@@ -99,3 +128,14 @@ def test_the_host_scan_refuses_a_private_plugin_module(tmp_path: Path) -> None:
         "from mmat_plugins.sources_tabmwp import TabMWPSource\n"
         "def f():\n    from mmat_plugins._jsonl import iter_jsonl\n", encoding="utf-8")
     assert host_violations(tmp_path) == ["mmat_assets/m.py:3: mmat_plugins._jsonl.iter_jsonl"]
+
+
+def test_a_private_sibling_module_in_plugins_is_refused(tmp_path: Path) -> None:
+    # The shape a trainer once had: its model code in a private helper module beside it.
+    (tmp_path / "plugins").mkdir()
+    (tmp_path / "plugins" / "_student.py").write_text("IGNORE = -100\n", encoding="utf-8")
+    (tmp_path / "plugins" / "trainers_x.py").write_text(
+        "from mmat_assets.contracts import Trainer\nfrom . import _student as st\n"
+        "from ._student import IGNORE\n", encoding="utf-8")
+    assert plugin_violations(tmp_path) == ["plugins/trainers_x.py:2: mmat_plugins._student",
+                                           "plugins/trainers_x.py:3: mmat_plugins._student.IGNORE"]

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from mmat_plugins import _hf_student as st
+from mmat_plugins import trainers_hf_lora as hf
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -46,14 +46,14 @@ def build_test_student(cache: Path) -> Path:
     """The offline student in ``cache``, built from the SmolLM2 folder the teacher tests convert."""
     from tests.smollm2_server import SmolLM2Unavailable, convert
 
-    folder = st.offline_student_dir(cache, IMAGE_SIZE, 42)
-    if st.is_built(folder, IMAGE_SIZE, 42):
+    folder = hf.offline_student_dir(cache, IMAGE_SIZE, 42)
+    if hf.is_built(folder, IMAGE_SIZE, 42):
         return folder
     try:
         language_model = convert()
     except SmolLM2Unavailable as exc:
         pytest.skip(str(exc))
-    return st.build_offline_student(folder, IMAGE_SIZE, 42, language_model=language_model)
+    return hf.build_offline_student(folder, IMAGE_SIZE, 42, language_model=language_model)
 
 
 def write_png(path: Path, colour: tuple[int, int, int], size: tuple[int, int] = (48, 32)) -> Path:
@@ -73,7 +73,7 @@ def student_cache(request: pytest.FixtureRequest, tmp: pytest.TempPathFactory) -
 @pytest.fixture(scope="module")
 def student(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any, Path]:
     folder = build_test_student(student_cache(request, tmp_path_factory))
-    model, processor = st.load_student(str(folder))
+    model, processor = hf.load_student(str(folder))
     return model.eval(), processor, folder
 
 
@@ -87,7 +87,7 @@ def label_runs(enc: dict[str, Any]) -> list[list[int]]:
     runs: list[list[int]] = []
     prev = False
     for label in enc["labels"].tolist():
-        on = label != st.IGNORE
+        on = label != hf.IGNORE
         if on and not prev:
             runs.append([])
         if on:
@@ -98,9 +98,9 @@ def label_runs(enc: dict[str, Any]) -> list[list[int]]:
 
 def test_build_is_recorded_and_reused(student: tuple[Any, Any, Path]) -> None:
     _, processor, folder = student
-    info = json.loads((folder / st.BUILD_INFO).read_text(encoding="utf-8"))
+    info = json.loads((folder / hf.BUILD_INFO).read_text(encoding="utf-8"))
     assert info["image_size"] == IMAGE_SIZE and info["seed"] == 42 and info["build_seconds"] > 0
-    assert st.build_offline_student(folder, IMAGE_SIZE, 42) == folder  # a cache hit, no rebuild
+    assert hf.build_offline_student(folder, IMAGE_SIZE, 42) == folder  # a cache hit, no rebuild
     # The PIL image processor: the default back-end would need torchvision.
     assert type(processor.image_processor).__name__ == "CLIPImageProcessorPil"
 
@@ -112,7 +112,7 @@ def test_image_tokens_match_vision_patches(student: tuple[Any, Any, Path], red: 
     model, processor, _ = student
     messages = [{"role": "user", "content": "<image>" * n_images + "Describe."},
                 {"role": "assistant", "content": "A red square."}]
-    enc = st.encode_record(processor, {"messages": messages, "images": [str(red)] * n_images}, 512)
+    enc = hf.encode_record(processor, {"messages": messages, "images": [str(red)] * n_images}, 512)
     with torch.no_grad():
         features = model.model.get_image_features(pixel_values=enc["pixel_values"]).pooler_output
     patches = sum(int(f.shape[0]) for f in features)
@@ -120,20 +120,20 @@ def test_image_tokens_match_vision_patches(student: tuple[Any, Any, Path], red: 
     assert enc["n_image_tokens"] == patches
     assert enc["n_image_placeholders"] == enc["n_images"] == n_images
     with torch.no_grad():  # the model itself checks tokens against features
-        assert torch.isfinite(model(**st.model_inputs(enc)).loss)
+        assert torch.isfinite(model(**hf.model_inputs(enc)).loss)
 
 
 @pytest.mark.parametrize("messages", [RR_MESSAGES, RR_MESSAGES[:3]], ids=["rr", "one_turn"])
 def test_labels_cover_assistant_turns_only(student: tuple[Any, Any, Path], red: Path,
                                            messages: list[dict[str, str]]) -> None:
     _, processor, _ = student
-    enc = st.encode_record(processor, {"messages": messages, "images": [str(red)]}, 2048)
+    enc = hf.encode_record(processor, {"messages": messages, "images": [str(red)]}, 2048)
     assistant = [m["content"] for m in messages if m["role"] == "assistant"]
     decoded = [processor.tokenizer.decode(run) for run in label_runs(enc)]
     assert decoded == [text + "<|im_end|>" for text in assistant]
     assert enc["assistant_tokens"] == sum(len(run) for run in label_runs(enc))
     # Every other token (system, user, image, role headers) is ignored by the loss.
-    ignored = enc["input_ids"][enc["labels"] == st.IGNORE]
+    ignored = enc["input_ids"][enc["labels"] == hf.IGNORE]
     text = processor.tokenizer.decode(ignored)
     users = [m["content"].replace("<image>", "") for m in messages if m["role"] != "assistant"]
     assert all(u in text for u in users)
@@ -143,13 +143,13 @@ def test_labels_cover_assistant_turns_only(student: tuple[Any, Any, Path], red: 
 def test_truncation_is_reported(student: tuple[Any, Any, Path], red: Path) -> None:
     _, processor, _ = student
     record = {"messages": RR_MESSAGES, "images": [str(red)]}
-    full = st.encode_record(processor, record, 4096)
-    first_image = int((full["input_ids"] == st.image_token_id(processor)).nonzero()[0])
+    full = hf.encode_record(processor, record, 4096)
+    first_image = int((full["input_ids"] == hf.image_token_id(processor)).nonzero()[0])
     assert not full["truncated"] and not full["truncated_through_image"]
 
-    before = st.encode_record(processor, record, first_image)  # cut before the image tokens
-    inside = st.encode_record(processor, record, first_image + 3)  # cut inside them
-    after = st.encode_record(processor, record, full["length"] - 5)  # cut in the last answer
+    before = hf.encode_record(processor, record, first_image)  # cut before the image tokens
+    inside = hf.encode_record(processor, record, first_image + 3)  # cut inside them
+    after = hf.encode_record(processor, record, full["length"] - 5)  # cut in the last answer
     assert before["truncated_through_image"] and inside["truncated_through_image"]
     assert after["truncated"] and not after["truncated_through_image"]
     assert len(after["input_ids"]) == full["length"] - 5
@@ -158,11 +158,11 @@ def test_truncation_is_reported(student: tuple[Any, Any, Path], red: Path) -> No
 
 def test_placeholder_count_must_match_images(student: tuple[Any, Any, Path], red: Path) -> None:
     _, processor, _ = student
-    with pytest.raises(st.RecordError, match="1 <image> placeholders for 2 images"):
-        st.encode_record(processor, {"messages": RR_MESSAGES, "images": [str(red), str(red)]}, 2048)
+    with pytest.raises(hf.RecordError, match="1 <image> placeholders for 2 images"):
+        hf.encode_record(processor, {"messages": RR_MESSAGES, "images": [str(red), str(red)]}, 2048)
 
 
 def test_generate_returns_text(student: tuple[Any, Any, Path], red: Path) -> None:
     model, processor, _ = student
-    reply = st.generate(model, processor, RR_MESSAGES[:2], [str(red)], max_new_tokens=8)
+    reply = hf.generate(model, processor, RR_MESSAGES[:2], [str(red)], max_new_tokens=8)
     assert isinstance(reply, str)

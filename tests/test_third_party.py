@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +15,9 @@ from typer.testing import CliRunner
 
 from mmat_assets.cli import app
 from mmat_assets.testing import build_with
-from tests.conftest import REPO, TABMWP
+from tests.conftest import REPO, tabmwp_subset
 from tests.openai_fake import FakeOpenAI
-from tests.stage_fakes import step
+from tests.stage_fakes import EchoTool, ScriptedTeacher, environment, samples, step
 
 DESCRIPTION = "- mean_colour: Returns the mean RGB colour of the image."
 
@@ -67,11 +66,7 @@ def test_the_prompts_of_a_grounded_build_list_only_the_tools_that_run_here(tmp_p
     """As in the demo: no detector weights and no model-backed teacher here, so neither
     label_bbox nor image_caption is offered; ocr and face detection are."""
     data = tmp_path / "tabmwp"
-    (data / "tables").mkdir(parents=True)
-    problems = dict(list(json.loads((TABMWP / "problems.json").read_text()).items())[:2])
-    (data / "problems.json").write_text(json.dumps(problems))
-    for pid in problems:
-        shutil.copy(TABMWP / "tables" / f"{pid}.png", data / "tables")
+    tabmwp_subset(data, 2)
     from mmat_assets.plugins import DEFAULT_PLUGINS
 
     built = build_with(tmp_path, builtins=DEFAULT_PLUGINS, sources={"tabmwp": {"plugin": "tabmwp",
@@ -85,3 +80,19 @@ def test_the_prompts_of_a_grounded_build_list_only_the_tools_that_run_here(tmp_p
         assert "- ocr: Reads the text in the image" in system and "- face_detection: Detects human faces" in system
         assert "label_bbox" not in system and "image_caption" not in system
     assert {c["tool"] for c in built.tool_calls()} <= {"ocr", "face_detection"}
+
+
+def test_the_teacher_prompt_names_only_the_tools_of_the_build(tmp_path: Path) -> None:
+    from mmat_assets.engine.rationale import first_messages
+
+    class Finder(EchoTool):
+        name = "label_bbox"
+        description = "Finds the named objects."
+
+    sample = {**samples(tmp_path, [{"question": "What is a + b?", "answer": "17"}]).row(0, named=True),
+              "prompt": "What is a + b?"}
+    teacher = ScriptedTeacher(lambda context: {})
+    without = first_messages(sample, environment(teacher, {"ocr": EchoTool()}, tmp_path))[0]["content"]
+    assert "- ocr" in without and "label_bbox" not in without
+    with_it = first_messages(sample, environment(teacher, {"label_bbox": Finder()}, tmp_path))[0]["content"]
+    assert "- label_bbox: Finds the named objects." in with_it and "- ocr" not in with_it

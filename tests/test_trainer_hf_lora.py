@@ -13,7 +13,7 @@ import pytest
 
 from mmat_assets.engine.training import run_training_pipes
 from mmat_assets.plugins import load_registry
-from mmat_plugins import _hf_student as st
+from mmat_plugins import trainers_hf_lora as hf
 from mmat_plugins.trainers_hf_lora import HFLoRATrainer, RecordError
 from tests.test_student import build_test_student, one_torch_thread, student_cache, write_png
 
@@ -121,7 +121,7 @@ def test_only_lora_weights_changed(run: tuple[CapturingTrainer, dict[str, Any], 
     assert adapter and all(".language_model." in k and "lora_" in k for k in adapter)
     # lora_B starts at zero: any non-zero value means the step moved it.
     assert any(float(v.abs().sum()) > 0 for k, v in adapter.items() if "lora_B" in k)
-    base, _ = st.load_student(str(student_dir))
+    base, _ = hf.load_student(str(student_dir))
     trained = {k.replace("base_model.model.", "", 1).replace(".base_layer", ""): v
                for k, v in trainer.trained.state_dict().items() if "lora_" not in k}
     original = base.state_dict()
@@ -133,9 +133,9 @@ def test_reloaded_adapter_gives_same_logits(run: tuple[CapturingTrainer, dict[st
     import torch
 
     trainer, metrics, export = run
-    reloaded, processor = st.load_tuned_student(Path(metrics["checkpoint"]))
+    reloaded, processor = hf.load_tuned_student(Path(metrics["checkpoint"]))
     record = json.loads((export / "train.jsonl").read_text(encoding="utf-8").splitlines()[0])
-    batch = st.model_inputs(st.encode_record(processor, record, 512, image_root=export))
+    batch = hf.model_inputs(hf.encode_record(processor, record, 512, image_root=export))
     with torch.no_grad():
         want = trainer.trained.eval()(**batch).logits
         got = reloaded(**batch).logits
@@ -186,12 +186,12 @@ def test_collate_pads_and_keeps_image_tensors(student_dir: Path, tmp_path: Path)
     export = write_export(tmp_path, [])
     processor = AutoProcessor.from_pretrained(str(student_dir))
     text_only = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
-    encoded = [st.encode_record(processor, r, 512, image_root=export) for r in (text_only, orr_record("red"))]
+    encoded = [hf.encode_record(processor, r, 512, image_root=export) for r in (text_only, orr_record("red"))]
     batch = collate(encoded, pad_id(processor), "cpu")
     width = max(len(e["input_ids"]) for e in encoded)
     assert batch["input_ids"].shape == batch["labels"].shape == (2, width)
     short = len(encoded[0]["input_ids"])
-    assert batch["attention_mask"][0, short:].sum() == 0 and (batch["labels"][0, short:] == st.IGNORE).all()
+    assert batch["attention_mask"][0, short:].sum() == 0 and (batch["labels"][0, short:] == hf.IGNORE).all()
     assert batch["pixel_values"].shape[0] == 1  # the text-only record adds no image
 
 
@@ -206,7 +206,7 @@ def tiny_idefics3(folder: Path) -> Path:
                                        do_image_splitting=False)
     # image_seq_len = (32 px / 8 px patches)^2 / scale_factor^2 = 4
     processor = Idefics3Processor(image_processor=images, tokenizer=AutoTokenizer.from_pretrained(convert()),
-                                  image_seq_len=4, chat_template=st.CHAT_TEMPLATE)
+                                  image_seq_len=4, chat_template=hf.CHAT_TEMPLATE)
     tok = processor.tokenizer
     config = Idefics3Config(
         vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
@@ -222,10 +222,10 @@ def tiny_idefics3(folder: Path) -> Path:
 def test_another_family_through_the_auto_classes(tmp_path: Path) -> None:
     student = tiny_idefics3(tmp_path / "idefics3")
     export = write_export(tmp_path / "export", [orr_record("red")])
-    _, processor = st.load_student(str(student))
-    enc = st.encode_record(processor, orr_record("red"), 512, image_root=export)
+    _, processor = hf.load_student(str(student))
+    enc = hf.encode_record(processor, orr_record("red"), 512, image_root=export)
     assert enc["n_image_tokens"] == 4
-    assert processor.tokenizer.decode(enc["input_ids"][enc["labels"] != st.IGNORE]).endswith(
+    assert processor.tokenizer.decode(enc["input_ids"][enc["labels"] != hf.IGNORE]).endswith(
         "<ANSWER>The answer is: red</ANSWER><|im_end|>")
     metrics = HFLoRATrainer({"student": str(student), "max_steps": 1, "log_every": 1}).train(export, tmp_path / "out")
     assert metrics["steps"] == 1 and math.isfinite(metrics["final_loss"])

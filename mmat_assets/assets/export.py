@@ -11,6 +11,7 @@ No `from __future__ import annotations` here: Dagster reads the context annotati
 """
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -109,7 +110,8 @@ def _exporter_asset(cfg: ProjectConfig, registry: Registry, name: str) -> dg.Ass
                                              description="No record would be dropped or bent by the trainer.")],
               description=f"{impl.cls.description} Pre-flighted against the student's template; filtered by config.")
     def _asset(context: dg.AssetExecutionContext, storage: StorageResource, rr: dict[str, pl.DataFrame],
-               orr: dict[str, pl.DataFrame], reflected: dict[str, pl.DataFrame], student: dict[str, Any]):
+               orr: dict[str, pl.DataFrame], reflected: dict[str, pl.DataFrame],
+               student: dict[str, Any]) -> Iterator[dg.Output[dict[str, Any]] | dg.AssetCheckResult]:
         frames = {"rr": stages.concat_shards(rr), "orr": stages.concat_shards(orr)}
         filt = ex.ExportFilter.model_validate(cfg.export.filter)
         media = storage.media()

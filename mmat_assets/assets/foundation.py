@@ -6,6 +6,7 @@ No `from __future__ import annotations` here: Dagster reads the context annotati
 
 import traceback
 import warnings
+from collections.abc import Iterator
 from typing import Any, Callable
 
 import dagster as dg
@@ -90,7 +91,8 @@ def source_asset(name: str, scfg: SourceConfig, cfg: ProjectConfig, registry: Re
         check_specs=[dg.AssetCheckSpec(ACCOUNTED_CHECK, asset=key,
                                        description=f"Nothing read is lost: {ROWS_EQUATION}.")],
     )
-    def _source(context: dg.AssetExecutionContext, storage: StorageResource):
+    def _source(context: dg.AssetExecutionContext,
+                storage: StorageResource) -> Iterator[dg.Output[pl.DataFrame] | dg.AssetCheckResult]:
         source = registry.create("source", scfg.plugin, scfg.options, base_dir=cfg.base_dir)
         try:
             ing = engine.ingest(source, name, storage.media(), _limits(cfg))

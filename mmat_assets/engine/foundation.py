@@ -11,13 +11,16 @@ import hashlib
 import json
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
 from mmat_assets import records
 from mmat_assets.contracts import BadRow, ImageInput, Source, SourceRow
 from mmat_assets.engine.images import ImageError, ImageLimits, inspect_image, resolve_image_path
+
+if TYPE_CHECKING:
+    from polars.expr.whenthen import ChainedThen, Then
 from mmat_assets.media import MediaStore
 
 SHORT_ANSWER = "Answer the question using a single word or phrase."
@@ -146,7 +149,7 @@ def _sample(source: Source, source_name: str, row: SourceRow, media: MediaStore,
         raise RowError("empty_question", "the question is empty")
     if not str(row.answer or "").strip():
         raise RowError("empty_answer", "the gold answer is empty")
-    sample = {
+    sample: dict[str, Any] = {
         "sample_id": "",
         "source": source_name,
         "dataset": source.dataset or source.name,
@@ -219,7 +222,7 @@ def infer_answer_type() -> pl.Expr:
 
 def style_constraint() -> pl.Expr:
     """SPEC §2.1: one style sentence per answer type, so answer styles agree across sources."""
-    expr = pl.when(pl.lit(False)).then(pl.lit(""))
+    expr: Then | ChainedThen = pl.when(pl.lit(False)).then(pl.lit(""))
     for kind, text in STYLE_BY_TYPE.items():
         expr = expr.when(pl.col("answer_type") == kind).then(pl.lit(text))
     return expr.otherwise(pl.lit(SHORT_ANSWER))

@@ -1,8 +1,8 @@
 """Train a student in its own process and report back through Dagster Pipes.
 
 Launched by :func:`mmat_assets.engine.training.run_training_pipes` as
-``python -m mmat_assets.pipes.train``; reads ``{"trainer", "options", "export_dir",
-"out_dir"}`` from the Pipes extras, trains through the registered trainer plugin, streams
+``python -m mmat_assets.pipes.train``; reads ``{"trainer", "trainer_class", "options",
+"export_dir", "out_dir", "base_dir"}`` from the Pipes extras, trains with the trainer plugin, streams
 the trainer's log lines to Dagster and reports the metrics as materialization metadata.
 A separate process keeps the model's memory out of the Dagster run worker, and lets the
 same command run wherever the accelerator is.
@@ -10,13 +10,16 @@ same command run wherever the accelerator is.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from dagster_pipes import PipesContext, open_dagster_pipes
+
+from mmat_assets.contracts import Trainer
 
 REQUIRED = ("trainer", "export_dir", "out_dir")
 
@@ -36,34 +39,61 @@ class PipesLogHandler(logging.Handler):
             self.context.log.info(message)
 
 
+#: Metrics reported as typed metadata, with their Pipes type and conversion. The contract
+#: requires none of them: a trainer reports what it measures, and only that is shown.
+METRIC_TYPES: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    "final_loss": ("float", float), "tokens_per_s": ("float", float), "train_tokens": ("int", int),
+    "peak_memory_mb": ("float", float), "steps": ("int", int), "seconds": ("float", float),
+    "checkpoint": ("path", str),
+}
+
+
 def materialization_metadata(metrics: Mapping[str, Any]) -> dict[str, Any]:
     """Trainer metrics as Pipes metadata; the loss curve travels as JSON."""
-    curve = metrics.get("loss_curve") or []
-    return {
-        "loss_curve": {"raw_value": {"points": curve}, "type": "json"},
-        "final_loss": {"raw_value": float(metrics["final_loss"]), "type": "float"},
-        "tokens_per_s": {"raw_value": float(metrics.get("tokens_per_s", 0.0)), "type": "float"},
-        "train_tokens": {"raw_value": int(metrics.get("train_tokens", 0)), "type": "int"},
-        "peak_memory_mb": {"raw_value": float(metrics.get("peak_memory_mb", 0.0)), "type": "float"},
-        "steps": {"raw_value": int(metrics.get("steps", 0)), "type": "int"},
-        "seconds": {"raw_value": float(metrics.get("seconds", 0.0)), "type": "float"},
-        "checkpoint": {"raw_value": str(metrics.get("checkpoint", "")), "type": "path"},
-    }
+    out: dict[str, Any] = {"loss_curve": {"raw_value": {"points": metrics.get("loss_curve") or []}, "type": "json"}}
+    for key, (kind, convert) in METRIC_TYPES.items():
+        if metrics.get(key) is not None:
+            out[key] = {"raw_value": convert(metrics[key]), "type": kind}
+    return out
+
+
+def trainer_class(extras: Mapping[str, Any]) -> type[Trainer[Any]]:
+    """The trainer class the host named: imported from its ``module:qualname`` reference
+    (``trainer_class``), so a plugin the host registered as an object is found here too;
+    without one, looked up by name in this process's plugin registry."""
+    name = str(extras["trainer"])
+    ref = extras.get("trainer_class")
+    cls = _imported(str(ref)) if ref else _registered(name, extras.get("plugins"))
+    if not (isinstance(cls, type) and issubclass(cls, Trainer) and getattr(cls, "name", None) == name):
+        raise TypeError(f"{ref or name} is not the Trainer named {name!r}")
+    return cls
+
+
+def _imported(ref: str) -> object:
+    module, _, qualname = ref.partition(":")
+    obj: object = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _registered(name: str, plugins: list[str] | None) -> object:
+    from mmat_assets.plugins import load_registry
+
+    # A caller may name the plugin modules to load (tests, a locked-down deployment);
+    # otherwise the child sees the same built-ins and entry points as the host.
+    registry = load_registry(builtins=plugins) if plugins else load_registry()
+    return registry.get("trainer", name).cls
 
 
 def train(extras: Mapping[str, Any]) -> dict[str, Any]:
-    """Run the named trainer on the export; the plugin registry is loaded in this process."""
-    from mmat_assets.plugins import load_registry
+    """Run the named trainer on the export."""
+    from mmat_assets.plugins import create
 
     missing = [k for k in REQUIRED if not extras.get(k)]
     if missing:
         raise ValueError(f"pipes extras lack {', '.join(missing)}")
-    # A caller may name the plugin modules to load (tests, a locked-down deployment);
-    # otherwise the child sees the same built-ins and entry points as the host.
-    plugins = extras.get("plugins")
-    registry = load_registry(builtins=plugins) if plugins else load_registry()
-    trainer = registry.create("trainer", str(extras["trainer"]), extras.get("options") or {},
-                              base_dir=extras.get("base_dir"))
+    trainer = create(trainer_class(extras), extras.get("options") or {}, base_dir=extras.get("base_dir"))
     ok = trainer.availability()
     if not ok.ok:
         raise RuntimeError(f"trainer {extras['trainer']!r} cannot run here: {ok.reason}")

@@ -34,14 +34,13 @@ def test_lora_steps_on_cuda_bf16(request: pytest.FixtureRequest, tmp_path_factor
 
 def test_reloaded_adapter_generates_on_cuda(request: pytest.FixtureRequest,
                                             tmp_path_factory: pytest.TempPathFactory) -> None:
-    from mmat_plugins import _hf_student as st
-    from mmat_plugins.trainers_hf_lora import HFLoRATrainer
+    from mmat_plugins import trainers_hf_lora as hf
     from tests.test_student import RR_MESSAGES, build_test_student, student_cache
     from tests.test_trainer_hf_lora import COLOURS, orr_record, write_export
 
     student_dir = build_test_student(student_cache(request, tmp_path_factory))
     export = write_export(tmp_path_factory.mktemp("export"), [orr_record(n) for n in COLOURS])
-    metrics = HFLoRATrainer({"student": str(student_dir), "max_steps": 2}).train(export, tmp_path_factory.mktemp("out"))
-    model, processor = st.load_tuned_student(Path(metrics["checkpoint"]), device="cuda")
-    reply = st.generate(model, processor, RR_MESSAGES[:2], [export / "images" / "red.png"], max_new_tokens=8)
+    metrics = hf.HFLoRATrainer({"student": str(student_dir), "max_steps": 2}).train(export, tmp_path_factory.mktemp("out"))
+    model, processor = hf.load_tuned_student(Path(metrics["checkpoint"]), device="cuda")
+    reply = hf.generate(model, processor, RR_MESSAGES[:2], [export / "images" / "red.png"], max_new_tokens=8)
     assert isinstance(reply, str)
