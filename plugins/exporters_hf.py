@@ -38,56 +38,52 @@ HUB_LICENSES = frozenset({
     "osl-3.0", "postgresql", "ofl-1.1", "ncsa", "unlicense", "zlib", "pddl", "unknown",
 })
 
+#: Continuation lines of a long BibTeX field line up under the field's value.
+_BIB_WRAP = "\n" + " " * 15
+
+
+def _arxiv(kind: str, key: str, title: tuple[str, ...], author: tuple[str, ...], booktitle: str | None,
+           year: int, eprint: str) -> str:
+    """A BibTeX entry of a paper on arXiv; ``title`` and ``author`` are their lines as printed."""
+    fields = [("title", _BIB_WRAP.join(title)), ("author", _BIB_WRAP.join(author))]
+    fields += [("booktitle", booktitle)] if booktitle else []
+    fields += [("year", str(year)), ("eprint", eprint), ("archivePrefix", "arXiv")]
+    body = ",\n".join(f"  {name:<9} = {{{value}}}" for name, value in fields)
+    return f"\n@{kind}{{{key},\n{body}\n}}"
+
+
 #: Citations of the dataset families the rows come from, by the rows' ``dataset``.
 CITATIONS: dict[str, tuple[str, str]] = {
-    "tabmwp": ("TabMWP", r"""
-@inproceedings{lu2023dynamic,
-  title     = {Dynamic Prompt Learning via Policy Gradient for Semi-structured Mathematical Reasoning},
-  author    = {Lu, Pan and Qiu, Liang and Chang, Kai-Wei and Wu, Ying Nian and Zhu, Song-Chun and
-               Rajpurohit, Tanmay and Clark, Peter and Kalyan, Ashwin},
-  booktitle = {International Conference on Learning Representations (ICLR)},
-  year      = {2023},
-  eprint    = {2209.14610},
-  archivePrefix = {arXiv}
-}"""),
-    "llava_cot": ("LLaVA-CoT", r"""
-@inproceedings{xu2025llavacot,
-  title     = {LLaVA-CoT: Let Vision Language Models Reason Step-by-Step},
-  author    = {Xu, Guowei and Jin, Peng and Wu, Ziang and Li, Hao and Song, Yibing and Sun, Lichao and Yuan, Li},
-  booktitle = {International Conference on Computer Vision (ICCV)},
-  year      = {2025},
-  eprint    = {2411.10440},
-  archivePrefix = {arXiv}
-}"""),
-    "visual_cot": ("Visual CoT", r"""
-@inproceedings{shao2024visualcot,
-  title     = {Visual CoT: Advancing Multi-Modal Language Models with a Comprehensive Dataset and
-               Benchmark for Chain-of-Thought Reasoning},
-  author    = {Shao, Hao and Qian, Shengju and Xiao, Han and Song, Guanglu and Zong, Zhuofan and
-               Wang, Letian and Liu, Yu and Li, Hongsheng},
-  booktitle = {Advances in Neural Information Processing Systems (NeurIPS), Datasets and Benchmarks Track},
-  year      = {2024},
-  eprint    = {2403.16999},
-  archivePrefix = {arXiv}
-}"""),
-    "infoseek": ("InfoSeek", r"""
-@inproceedings{chen2023infoseek,
-  title     = {Can Pre-trained Vision and Language Models Answer Visual Information-Seeking Questions?},
-  author    = {Chen, Yang and Hu, Hexiang and Luan, Yi and Sun, Haitian and Changpinyo, Soravit and
-               Ritter, Alan and Chang, Ming-Wei},
-  booktitle = {Conference on Empirical Methods in Natural Language Processing (EMNLP)},
-  year      = {2023},
-  eprint    = {2302.11713},
-  archivePrefix = {arXiv}
-}"""),
-    "the_cauldron": ("The Cauldron (each subset also cites its original dataset)", r"""
-@misc{laurencon2024matters,
-  title     = {What matters when building vision-language models?},
-  author    = {Lauren{\c{c}}on, Hugo and Tronchon, L{\'e}o and Cord, Matthieu and Sanh, Victor},
-  year      = {2024},
-  eprint    = {2405.02246},
-  archivePrefix = {arXiv}
-}"""),
+    "tabmwp": ("TabMWP", _arxiv(
+        "inproceedings", "lu2023dynamic",
+        ("Dynamic Prompt Learning via Policy Gradient for Semi-structured Mathematical Reasoning",),
+        ("Lu, Pan and Qiu, Liang and Chang, Kai-Wei and Wu, Ying Nian and Zhu, Song-Chun and",
+         "Rajpurohit, Tanmay and Clark, Peter and Kalyan, Ashwin"),
+        "International Conference on Learning Representations (ICLR)", 2023, "2209.14610")),
+    "llava_cot": ("LLaVA-CoT", _arxiv(
+        "inproceedings", "xu2025llavacot",
+        ("LLaVA-CoT: Let Vision Language Models Reason Step-by-Step",),
+        ("Xu, Guowei and Jin, Peng and Wu, Ziang and Li, Hao and Song, Yibing and Sun, Lichao and Yuan, Li",),
+        "International Conference on Computer Vision (ICCV)", 2025, "2411.10440")),
+    "visual_cot": ("Visual CoT", _arxiv(
+        "inproceedings", "shao2024visualcot",
+        ("Visual CoT: Advancing Multi-Modal Language Models with a Comprehensive Dataset and",
+         "Benchmark for Chain-of-Thought Reasoning"),
+        ("Shao, Hao and Qian, Shengju and Xiao, Han and Song, Guanglu and Zong, Zhuofan and",
+         "Wang, Letian and Liu, Yu and Li, Hongsheng"),
+        "Advances in Neural Information Processing Systems (NeurIPS), Datasets and Benchmarks Track",
+        2024, "2403.16999")),
+    "infoseek": ("InfoSeek", _arxiv(
+        "inproceedings", "chen2023infoseek",
+        ("Can Pre-trained Vision and Language Models Answer Visual Information-Seeking Questions?",),
+        ("Chen, Yang and Hu, Hexiang and Luan, Yi and Sun, Haitian and Changpinyo, Soravit and",
+         "Ritter, Alan and Chang, Ming-Wei"),
+        "Conference on Empirical Methods in Natural Language Processing (EMNLP)", 2023, "2302.11713")),
+    "the_cauldron": ("The Cauldron (each subset also cites its original dataset)", _arxiv(
+        "misc", "laurencon2024matters",
+        ("What matters when building vision-language models?",),
+        (r"Lauren{\c{c}}on, Hugo and Tronchon, L{\'e}o and Cord, Matthieu and Sanh, Victor",),
+        None, 2024, "2405.02246")),
 }
 
 

@@ -38,6 +38,20 @@ def tabmwp_dir() -> Path:
     return TABMWP
 
 
+def tabmwp_subset(dest: Path, n: int) -> dict[str, Any]:
+    """The first ``n`` TabMWP problems, with their table images, written to ``dest`` in the
+    layout the ``tabmwp`` source reads (``problems.json`` + ``tables/``); returns the problems."""
+    import json
+    import shutil
+
+    problems = dict(list(json.loads((TABMWP / "problems.json").read_text()).items())[:n])
+    (dest / "tables").mkdir(parents=True)
+    (dest / "problems.json").write_text(json.dumps(problems))
+    for pid in problems:
+        shutil.copy(TABMWP / "tables" / f"{pid}.png", dest / "tables")
+    return problems
+
+
 def write_project(tmp: Path, sources: dict[str, Any], shards: int = 4, **extra: Any) -> Path:
     """A project config in ``tmp`` whose local storage also lives in ``tmp``."""
     cfg = {

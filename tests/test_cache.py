@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from mmat_assets.engine.cache import ResultCache, cache_key
 from mmat_assets.engine.tools import call_tool, file_sha256, search_cached
 from mmat_plugins.tools_face import FaceDetectionTool
 from tests.conftest_tools import astronaut_png, tabmwp_image, tabmwp_problems  # noqa: F401
+from tests.moto_s3 import moto_s3
 
 
 class Counting(Tool):
@@ -161,28 +161,8 @@ def test_retrieval_results_are_cached(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def s3_root() -> Iterator[str]:
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    url = f"http://{host}:{port}"
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL_S3": url}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    import boto3
-
-    boto3.client("s3", endpoint_url=url).create_bucket(Bucket="mmat-cache")
-    try:
+    with moto_s3("mmat-cache", endpoint_env=True) as url:
         yield url
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        server.stop()
 
 
 @pytest.mark.slow

@@ -10,7 +10,6 @@ import asyncio
 import json
 import os
 import re
-import shutil
 import sqlite3
 import subprocess
 import sys
@@ -25,7 +24,7 @@ import pytest
 from mmat_assets.contracts import TeacherRequest
 from mmat_assets.engine.rationale import STEP_SCHEMA, ask
 from mmat_plugins.teachers_openai import OpenAITeacher
-from tests.conftest import TABMWP, write_project
+from tests.conftest import tabmwp_subset, write_project
 from tests.openai_fake import FakeOpenAI
 from tests.stage_fakes import environment
 
@@ -89,12 +88,7 @@ def test_reply_and_request_cache_hold_no_key(key: str, tmp_path: Path, monkeypat
 
 
 def _project(tmp: Path, fake: FakeOpenAI) -> Path:
-    problems = dict(list(json.loads((TABMWP / "problems.json").read_text()).items())[:N_PROBLEMS])
-    data = tmp / "tabmwp"
-    (data / "tables").mkdir(parents=True)
-    (data / "problems.json").write_text(json.dumps(problems))
-    for pid in problems:
-        shutil.copy(TABMWP / "tables" / f"{pid}.png", data / "tables")
+    tabmwp_subset(tmp / "tabmwp", N_PROBLEMS)
     teacher = {"plugin": "openai", "options": {"base_url": fake.base_url, "model": "fake-teacher",
                                                "api_key_env": KEY_ENV, "timeout_s": 20.0, "max_retries": 1}}
     return write_project(tmp, {"tabmwp": {"plugin": "tabmwp", "options": {"path": "tabmwp"}}}, shards=1,

@@ -9,7 +9,6 @@ without building a student.
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from mmat_assets.assets import build_definitions
 from mmat_assets.config import load_config
 from mmat_assets.io_managers import PolarsParquetIOManager
 from mmat_assets.runner import plan
-from tests.conftest import TABMWP, write_project
+from tests.conftest import tabmwp_subset, write_project
 
 N_PROBLEMS = 3
 
@@ -58,12 +57,7 @@ def build(one: OneShard, targets: tuple[str, ...]) -> list[tuple[list[dg.AssetKe
 @pytest.fixture(scope="module")
 def one_shard(tmp_path_factory: pytest.TempPathFactory) -> OneShard:
     tmp = tmp_path_factory.mktemp("one_shard")
-    problems = dict(list(json.loads((TABMWP / "problems.json").read_text()).items())[:N_PROBLEMS])
-    data = tmp / "tabmwp"
-    (data / "tables").mkdir(parents=True)
-    (data / "problems.json").write_text(json.dumps(problems))
-    for pid in problems:
-        shutil.copy(TABMWP / "tables" / f"{pid}.png", data / "tables")
+    problems = tabmwp_subset(tmp / "tabmwp", N_PROBLEMS)
     path = write_project(tmp, {"tabmwp": {"plugin": "tabmwp", "options": {"path": "tabmwp"}}}, shards=1,
                          tools={"label_bbox": {"enabled": False}})
     defs = build_definitions(load_config(path), "local")

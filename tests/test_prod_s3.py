@@ -14,33 +14,21 @@ import yaml
 
 from mmat_assets.assets import build_definitions
 from mmat_assets.config import load_config
+from tests.moto_s3 import moto_s3
+from tests.tabmwp_subset import copy_tabmwp
 
 
 @pytest.fixture()
 def s3_endpoint(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    url = f"http://{host}:{port}"
-    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                 "AWS_DEFAULT_REGION": "us-east-1", "MMAT_S3_ENDPOINT_URL": url}.items():
-        monkeypatch.setenv(k, v)
-    yield url
-    server.stop()
+    with moto_s3("mmat-test") as url:
+        monkeypatch.setenv("MMAT_S3_ENDPOINT_URL", url)
+        yield url
 
 
 def test_prod_profile_materializes_foundation_into_s3(s3_endpoint: str, tmp_path: Path, tabmwp_dir: Path) -> None:
     import json
-    import shutil
 
-    problems = dict(list(json.loads((tabmwp_dir / "problems.json").read_text()).items())[:12])
-    data = tmp_path / "tabmwp"
-    (data / "tables").mkdir(parents=True)
-    (data / "problems.json").write_text(json.dumps(problems))
-    for pid in problems:
-        shutil.copy(tabmwp_dir / "tables" / f"{pid}.png", data / "tables")
+    copy_tabmwp(tabmwp_dir, tmp_path / "tabmwp", 12)
     (tmp_path / "mmat.yaml").write_text(yaml.safe_dump({
         "sources": {"tabmwp": {"plugin": "tabmwp", "options": {"path": "tabmwp"}}},
         "foundation": {"shards": 2},
@@ -48,7 +36,6 @@ def test_prod_profile_materializes_foundation_into_s3(s3_endpoint: str, tmp_path
                      "prod": {"root": "s3://mmat-test/run1", "endpoint_url_env": "MMAT_S3_ENDPOINT_URL"}},
     }))
     s3 = boto3.client("s3", endpoint_url=s3_endpoint)
-    s3.create_bucket(Bucket="mmat-test")
 
     defs = build_definitions(load_config(tmp_path / "mmat.yaml"), "prod")
     instance = dg.DagsterInstance.ephemeral()

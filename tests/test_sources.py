@@ -55,6 +55,14 @@ def quarantined(result: Ingested) -> dict[str, str]:
     return dict(zip(q["source_row_id"].to_list(), q["reason"].to_list(), strict=True))
 
 
+def hosted(source: Source, name: str, tmp_path: Path, counts: dict[str, int], reasons: dict[str, str]) -> Ingested:
+    """The source ingested by the host, checked for its counts and quarantine reasons."""
+    result = host(source, name, tmp_path)
+    assert result.counts == counts
+    assert quarantined(result) == reasons
+    return result
+
+
 # ------------------------------------------------------------------------ jsonl helper
 
 
@@ -109,14 +117,12 @@ def test_llava_cot_rows() -> None:
 
 
 def test_llava_cot_through_host(tmp_path: Path) -> None:
-    result = host(llava(), "llava", tmp_path)
-    assert result.counts == {"read": 8, "ok": 4, "quarantined": 4}
-    assert quarantined(result) == {
+    result = hosted(llava(), "llava", tmp_path, {"read": 8, "ok": 4, "quarantined": 4}, {
         "line 3": "bad_row",
         "ai2d_3#1": "bad_row",
         "geo_2#0": "image_path_escape",
         "sqa_9#0": "empty_question",
-    }
+    })
     s = result.samples
     assert s["source_row_id"].to_list() == ["chart_1#0", "chart_1#1", "sqa_7#0", "ai2d_3#0"]
     assert set(s["dataset"]) == {"llava_cot"} and set(s["license"]) == {"Apache-2.0"}
@@ -186,9 +192,8 @@ def test_visual_cot_metadata_form() -> None:
 
 
 def test_visual_cot_through_host(tmp_path: Path) -> None:
-    result = host(viscot("viscot_sample.json"), "viscot", tmp_path)
-    assert result.counts == {"read": 4, "ok": 3, "quarantined": 1}
-    assert quarantined(result) == {"textvqa:5": "bad_row"}
+    result = hosted(viscot("viscot_sample.json"), "viscot", tmp_path, {"read": 4, "ok": 3, "quarantined": 1},
+                    {"textvqa:5": "bad_row"})
     meta = json.loads(result.samples["meta"][0])
     assert meta["regions"] == [[4, 6, 20, 14]]
     result = host(viscot("metadata.jsonl"), "viscot_meta", tmp_path)
@@ -312,13 +317,11 @@ def test_infoseek_image_pattern() -> None:
 
 
 def test_infoseek_through_host(tmp_path: Path) -> None:
-    result = host(infoseek(), "infoseek", tmp_path)
-    assert result.counts == {"read": 5, "ok": 2, "quarantined": 3}
-    assert quarantined(result) == {
+    result = hosted(infoseek(), "infoseek", tmp_path, {"read": 5, "ok": 2, "quarantined": 3}, {
         "line 3": "bad_row",
         "infoseek_val_00000004": "bad_row",
         "infoseek_val_00000005": "missing_image",
-    }
+    })
     assert result.samples["answer"].to_list() == ["France", "1937"]
     assert set(result.samples["license"]) == {"Apache-2.0"}
 

@@ -23,12 +23,12 @@ import pytest
 from mmat_assets.engine import stages
 from tests.openai_fake_hooks import HookedFakeOpenAI
 from tests.stage_fakes import samples, step
+from tests.worker_proc import finish
 
 REPO = Path(__file__).resolve().parents[1]
 ROWS = 12
 REQUESTS = ROWS * 2  # read with OCR, then answer
 KILL_AT = 11  # arrival index: 11 requests answered and stored, the 12th in flight
-WORKER_TIMEOUT_S = 60
 
 
 def reply(body: dict[str, Any]) -> str:
@@ -54,15 +54,6 @@ class Killer:
 def worker(rows: Path, out: Path, cache: Path, base_url: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-m", "tests.resume_worker", str(rows), str(out), str(cache), base_url],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-
-
-def finish(proc: subprocess.Popen[bytes]) -> tuple[int, str]:
-    try:
-        output, _ = proc.communicate(timeout=WORKER_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        output, _ = proc.communicate()
-    return proc.returncode, output.decode(errors="replace")[-3000:]
 
 
 def comparable(df: pl.DataFrame) -> pl.DataFrame:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,17 +102,24 @@ def _names(registry: Registry, role: str, entries: Mapping[str, ComponentConfig]
     return sorted(set(registry.role(role)) | set(entries))
 
 
+def _enabled(registry: Registry, role: str, kind: str, cfg: ProjectConfig | None,
+             teachers: Mapping[str, Any] | None) -> Iterator[tuple[str, ComponentConfig, Any, Availability]]:
+    """Each enabled implementation of ``role`` (config section ``kind``), built, in name order."""
+    entries: Mapping[str, ComponentConfig] = getattr(cfg, kind) if cfg is not None else {}
+    for name in _names(registry, role, entries):
+        entry = _entry(cfg, name, kind)
+        if not entry.enabled:
+            continue
+        obj, avail = _build(registry, role, entry.plugin or name, entry, cfg, teachers)
+        yield name, entry, obj, avail
+
+
 def configured_tools(registry: Registry, cfg: ProjectConfig | None = None,
                      teachers: Mapping[str, Any] | None = None
                      ) -> dict[str, tuple[Tool | None, Availability]]:
     """Every enabled tool with its instance (None if its options are invalid) and availability."""
     out: dict[str, tuple[Tool | None, Availability]] = {}
-    entries = cfg.tools if cfg is not None else {}
-    for name in _names(registry, "tool", entries):
-        entry = _entry(cfg, name, "tools")
-        if not entry.enabled:
-            continue
-        tool, avail = _build(registry, "tool", entry.plugin or name, entry, cfg, teachers)
+    for name, entry, tool, avail in _enabled(registry, "tool", "tools", cfg, teachers):
         if tool is not None:
             tool.call_limits = ToolLimits.of(entry)  # read by call_tool on every call
         out[name] = (tool, avail)
@@ -128,12 +135,7 @@ def configured_retrievers(registry: Registry, cfg: ProjectConfig | None = None,
     the ``retrievers/<name>`` asset built its index.
     """
     out: dict[str, tuple[Retriever | None, Availability]] = {}
-    entries = cfg.retrievers if cfg is not None else {}
-    for name in _names(registry, "retriever", entries):
-        entry = _entry(cfg, name, "retrievers")
-        if not entry.enabled:
-            continue
-        obj, avail = _build(registry, "retriever", entry.plugin or name, entry, cfg, None)
+    for name, _, obj, avail in _enabled(registry, "retriever", "retrievers", cfg, None):
         if index_root is not None and isinstance(obj, Retriever):
             obj.attach_index(Path(index_root) / name)
         out[name] = (obj, avail)
