@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -343,6 +342,9 @@ def _print_summary(summary: dict[str, Any]) -> None:
     console.print(table)
     for note in summary.get("notes", []):
         console.print(note)
+    if summary.get("usd"):  # what the teacher's requests recorded during this build
+        console.print(f"teacher: ${summary['usd']:.4f} (${summary.get('usd_per_accepted_sample', 0.0):.4f} "
+                      "per accepted sample)")
     for w in summary.get("warned_checks", []):
         console.print(f"[yellow]check warned:[/] {escape(w)}", soft_wrap=True)
     if summary["failed"] or summary.get("skipped"):
@@ -454,4 +456,4 @@ def main() -> None:  # pragma: no cover - console entry point
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    main()  # the app exits with the command's status itself

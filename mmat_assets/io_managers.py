@@ -44,6 +44,10 @@ class PolarsParquetIOManager(dg.UPathIOManager):
         for partition, path in paths.items():
             self.make_directory(path.parent)
             self.dump_to_path(context=context, obj=obj[partition], path=path)
+            # each shard's materialization names its own file, as a run of that shard alone does
+            context.step_context.add_asset_metadata(
+                {"path": dg.MetadataValue.path(str(path)), **self.get_metadata(context, obj[partition])},
+                asset_key=context.asset_key, partition_key=partition)
         return None
 
     def load_from_path(self, context: dg.InputContext, path: UPath) -> pl.DataFrame | pl.LazyFrame:

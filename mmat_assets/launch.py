@@ -18,7 +18,7 @@ from typing import Any
 
 import dagster as dg
 
-from mmat_assets.runner import BuildError, BuildProgress, PreparedBuild, RunRecord, _Build, _label
+from mmat_assets.runner import BuildError, BuildProgress, PreparedBuild, RunRecord, _Build, _label, spend_reader
 
 #: The daemon loops a backfill needs: one turns it into runs, one dequeues them.
 NEEDED_DAEMONS = ("BACKFILL", "QUEUED_RUN_COORDINATOR")
@@ -143,7 +143,7 @@ class Follower:
         record, part = run_record(self.prepared.instance, run), _part(run)
         self.build.runs += 1
         self.build._tally(record, keys, part)
-        self.progress.step(_label(keys, part), record.rows, bool(record.failures))
+        self.progress.step(_label(keys, part), record.rows, bool(record.failures), record.accepted)
 
     def summary(self) -> dict[str, Any]:
         from dagster._core.execution.backfill import BulkActionStatus
@@ -165,6 +165,9 @@ def follow(prepared: PreparedBuild, backfill_id: str, progress: BuildProgress, p
            sleep: Callable[[float], None] = time.sleep) -> dict[str, Any]:
     """Follow a backfill to its end; the summary of all its runs."""
     follower = Follower(prepared, backfill_id, progress)
+    reader = spend_reader(prepared.defs)
+    if reader is not None:
+        progress.watch_spend(reader)
     while not follower.poll():
         sleep(poll_s)
-    return follower.summary()
+    return {**follower.summary(), **progress.spend()}

@@ -2,8 +2,12 @@
 
 The same definitions and the same Dagster instance (``$DAGSTER_HOME``) as the UI: a
 build from the command line shows up in the UI's history, and staleness agrees.
-Consecutive assets of one partitioning go in one run: the unpartitioned ones together,
-and every shard-partitioned stage for one shard together (one run per shard).
+Consecutive assets of one partitioning form a slice. Every shard-partitioned stage for one
+shard goes in one run (one run per shard). The unpartitioned assets of a slice go in waves:
+the assets that do not depend on each other (the six evaluations, training beside the
+untuned model's evaluations) each in its own run, side by side in the worker processes as
+the shards are; runs of one asset in a row are merged. The plan is the same for any number
+of workers, so the summary is too.
 
 Nothing fails silently: a build whose selection does not parse or matches nothing, whose
 plugins did not all load, or whose selection reads an asset that was never materialized stops
@@ -18,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 import multiprocessing
 import re
+import threading
 import warnings
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -84,16 +89,87 @@ def plan(graph: Any, selected: set[dg.AssetKey], choose: Callable[[list[str]], l
     return slices
 
 
-class BuildProgress:
-    """A live progress view of a build (runs done, current slice, rows, failures)."""
+def waves(graph: Any, keys: list[dg.AssetKey]) -> list[list[list[dg.AssetKey]]]:
+    """An unpartitioned slice (``keys`` in topological order) as waves of runs: a wave holds
+    the runs that depend on no other run of it; a run is one asset (with the other keys of
+    its multi-asset), and consecutive waves of one run each are merged into one run. Within
+    a wave the runs more of the slice waits for come first (training before evaluations of
+    the untuned model), so that the longest chain starts first."""
+    inside = set(keys)
+    node: dict[dg.AssetKey, int] = {}  # key -> its group: the keys one assets definition writes
+    groups: list[list[dg.AssetKey]] = []
+    for key in keys:
+        if key in node:
+            continue
+        assets_def = getattr(graph.get(key), "assets_def", None)
+        together = [k for k in keys if k in set(assets_def.keys)] if assets_def is not None else [key]
+        for k in together:
+            node[k] = len(groups)
+        groups.append(together)
+    parents = [{node[p] for k in group for p in graph.get(k).parent_keys if p in inside} - {g}
+               for g, group in enumerate(groups)]
+    level: dict[int, int] = {}
 
-    def __init__(self, console: Console, enabled: bool = True) -> None:
+    def depth(g: int) -> int:
+        if g not in level:
+            level[g] = 1 + max((depth(p) for p in parents[g]), default=-1)
+        return level[g]
+
+    under: dict[int, set[int]] = {}
+
+    def below(g: int) -> set[int]:
+        if g not in under:
+            children = {c for c in range(len(groups)) if g in parents[c]}
+            under[g] = children.union(*(below(c) for c in children))
+        return under[g]
+
+    for g in range(len(groups)):
+        depth(g)
+    waiting = {g: len(below(g)) for g in range(len(groups))}
+    out: list[list[list[dg.AssetKey]]] = []
+    for n in range(max(level.values(), default=-1) + 1):
+        runs = [groups[g] for g in sorted((g for g in level if level[g] == n), key=lambda g: (-waiting[g], g))]
+        if len(runs) == 1 and out and len(out[-1]) == 1:
+            out[-1][0].extend(runs[0])
+        else:
+            out.append([list(g) for g in runs])
+    return out
+
+
+def run_count(graph: Any, sl: Slice) -> int:
+    """How many runs a slice takes: one per shard, or one per run of its waves."""
+    if sl.partitions != [None]:
+        return len(sl.partitions)
+    return sum(len(wave) for wave in waves(graph, sl.keys))
+
+
+def run_width(graph: Any, sl: Slice) -> int:
+    """How many of a slice's runs can go at once: its shards, or its widest wave."""
+    if sl.partitions != [None]:
+        return len(sl.partitions)
+    return max((len(wave) for wave in waves(graph, sl.keys)), default=1)
+
+
+class BuildProgress:
+    """A live progress view of a build (runs done, current slice, rows, failures, and the
+    teacher's dollars with dollars per accepted sample once there are any)."""
+
+    def __init__(self, console: Console, enabled: bool = True, spend_every_s: float = 3.0) -> None:
         self.enabled = enabled
         self.rows = 0
         self.failures = 0
+        #: rows the teacher's stage accepted (rationales ``ok``), from the finished runs
+        self.accepted = 0
+        #: dollars the request caches recorded since the build started (every shard and process)
+        self.usd = 0.0
+        self.spend_every_s = spend_every_s
+        self._spend: Callable[[], float] | None = None
+        self._usd_before = 0.0
+        self._stop = threading.Event()
+        self._poller: threading.Thread | None = None
         self._progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("rows {task.fields[rows]}  failures {task.fields[failures]}"),
+            TextColumn("rows {task.fields[rows]}  failures {task.fields[failures]}{task.fields[usd]}"),
             TimeElapsedColumn(), console=console, disable=not enabled,
         )
         self._task: Any = None
@@ -103,24 +179,91 @@ class BuildProgress:
         return self
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        self._stop.set()
+        if self._poller is not None:
+            self._poller.join(timeout=10)
         self._progress.__exit__(et, ev, tb)
 
     def start(self, total: int) -> None:
-        self._task = self._progress.add_task("build", total=total, rows=0, failures=0)
+        self._task = self._progress.add_task("build", total=total, rows=0, failures=0, usd="")
+
+    def watch_spend(self, read: Callable[[], float]) -> None:
+        """Show the dollars ``read`` finds recorded (the request caches of every shard and
+        process), less what was recorded before the build, re-read every ``spend_every_s``
+        while runs are under way and after each run."""
+        try:
+            self._spend, self._usd_before = read, read()
+        except Exception:  # storage not reachable from here: the view goes without dollars
+            return
+        if self.enabled:
+            self._poller = threading.Thread(target=self._poll_spend, name="mmat-spend", daemon=True)
+            self._poller.start()
+
+    def spend(self) -> dict[str, float]:
+        """The build's dollars for its summary (none without a spend to watch)."""
+        if self._spend is None:
+            return {}
+        self._refresh_usd()
+        per = self.usd / self.accepted if self.accepted else 0.0
+        return {"usd": round(self.usd, 6), "usd_per_accepted_sample": round(per, 6)}
+
+    def _poll_spend(self) -> None:
+        while not self._stop.wait(self.spend_every_s):
+            self._refresh_usd()
+            if self._task is not None:
+                self._progress.update(self._task, usd=self._usd_field())
+
+    def _refresh_usd(self) -> None:
+        if self._spend is None:
+            return
+        try:
+            self.usd = max(self._spend() - self._usd_before, 0.0)
+        except Exception:  # a storage hiccup: the view keeps the last figure, the build goes on
+            pass
+
+    def _usd_text(self) -> str:
+        if self.usd <= 0:
+            return ""
+        per = f" (${self.usd / self.accepted:.4f} per accepted sample)" if self.accepted else ""
+        return f"${self.usd:.4f}{per}"
+
+    def _usd_field(self) -> str:
+        text = self._usd_text()
+        return f"  {text}" if text else ""
 
     def set_total(self, total: int) -> None:
         """A new total, for a build whose runs appear as it goes (a backfill's)."""
         self._progress.update(self._task, total=total)
 
-    def step(self, label: str, rows: int, failed: bool) -> None:
+    def step(self, label: str, rows: int, failed: bool, accepted: int = 0) -> None:
         self.rows += rows
         self.failures += int(failed)
-        self._progress.update(self._task, advance=1, description=label, rows=self.rows, failures=self.failures)
+        self.accepted += accepted
+        if self.enabled:
+            self._refresh_usd()
+        usd = self._usd_text()
+        self._progress.update(self._task, advance=1, description=label, rows=self.rows, failures=self.failures,
+                              usd=self._usd_field())
         console = self._progress.console
         if self.enabled and not console.is_terminal:  # logs and CI: a line per run instead of a live bar
             task = self._progress.tasks[0]
             console.print(f"[{int(task.completed)}/{int(task.total or 0)}] {label}: rows {self.rows}, "
-                          f"failures {self.failures}, {task.elapsed or 0:.0f} s")
+                          f"failures {self.failures}, {usd + ', ' if usd else ''}{task.elapsed or 0:.0f} s")
+
+
+def spend_reader(defs: dg.Definitions) -> Callable[[], float] | None:
+    """How to read the dollars the project's teacher request caches recorded, from outside the
+    runs (the storage root's ``cache/teacher``); None without a storage resource."""
+    from mmat_assets.engine.budget import spend_under
+
+    storage: Any = (defs.resources or {}).get("storage")  # a StorageResource, or a test's stand-in
+    if storage is None or not hasattr(storage, "path"):
+        return None
+    try:  # its settings may come from the environment (dg.EnvVar): resolve them as a run does
+        folder = storage.process_config_and_initialize().path("cache", "teacher")
+    except Exception:  # the view goes without dollars; the runs report their own errors
+        return None
+    return lambda: spend_under(folder)
 
 
 def _materializations(events: Sequence[Any]) -> list[Any]:
@@ -209,6 +352,11 @@ class RunRecord:
     @property
     def rows(self) -> int:
         return sum(c.get("dagster/row_count", 0) for c in self.counts.values())
+
+    @property
+    def accepted(self) -> int:
+        """Rows the teacher's stage accepted in this run (rationales' ``ok``)."""
+        return sum(c.get("ok", 0) for c in self.counts.values())
 
     @property
     def fatal(self) -> bool:
@@ -381,18 +529,21 @@ class PreparedBuild:
     def run(self, progress: BuildProgress, workers: int = 1) -> dict[str, Any]:
         """Materialize the slices in order, the shards of a slice in up to ``workers`` processes
         at once; the summary lists every cause of failure."""
-        width = max((len(s.partitions) for s in self.slices), default=1)
+        width = max((run_width(self.graph, s) for s in self.slices), default=1)
         workers = min(workers, width) if self.source else 1
         pool = worker_pool(workers, *self.source) if workers > 1 and self.source else None
         build = _Build(self.defs, self.graph, self.instance, progress, pool, workers)
-        progress.start(sum(len(s.partitions) for s in self.slices))
+        progress.start(sum(run_count(self.graph, s) for s in self.slices))
+        reader = spend_reader(self.defs)
+        if reader is not None:
+            progress.watch_spend(reader)
         try:
             for sl in self.slices:
                 build.run_slice(sl.keys, sl.partitions)
         finally:
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
-        return {**build.summary(self.max_failure_rate), "workers": workers}
+        return {**build.summary(self.max_failure_rate), **progress.spend(), "workers": workers}
 
 
 def prepare(defs: dg.Definitions, select: str | None, choose: Callable[[list[str]], list[str]],
@@ -449,7 +600,8 @@ class _Build:
         #: the message of an error every further run would repeat; set, nothing more runs
         self.stopped: str | None = None
         #: step (op) name -> asset keys it writes, to name the asset behind a failed step
-        self.step_assets = {a.node_def.name: list(a.keys) for a in defs.assets or [] if hasattr(a, "node_def")}
+        self.step_assets = {a.node_def.name: list(a.keys) for a in defs.assets or []
+                            if isinstance(a, dg.AssetsDefinition) and a.is_executable}
 
     def _entry(self, name: str) -> dict[str, Any]:
         return self.entries.setdefault(name, {"asset": name, "partitions": 0, "rows": 0, "errors": [],
@@ -479,41 +631,52 @@ class _Build:
         return f"not run: upstream failed ({', '.join(blocked)})" if blocked else None
 
     def run_slice(self, keys: list[dg.AssetKey], parts: list[str | None]) -> None:
-        """Run ``keys`` for every partition of ``parts``: one after another in this process, or
-        in the worker pool; either way folded into the tally in partition order, so the summary
-        does not depend on which worker finished first."""
-        if self.pool is None or len(parts) < 2:
-            for part in parts:
+        """Run ``keys`` for every partition of ``parts`` (an unpartitioned slice: wave by wave,
+        see :func:`waves`): one after another in this process, or in the worker pool; either
+        way folded into the tally in plan order, so the summary does not depend on which
+        worker finished first."""
+        if parts == [None]:
+            for wave in waves(self.graph, keys):
+                self._run_all([(run, None) for run in wave])
+            return
+        self._run_all([(keys, part) for part in parts])
+
+    def _run_all(self, runs: list[tuple[list[dg.AssetKey], str | None]]) -> None:
+        """Run independent ``runs`` (keys, partition): in the pool when there is one."""
+        if self.pool is None or len(runs) < 2:
+            for keys, part in runs:
                 self.run(keys, part)
             return
-        records = self._run_parallel(keys, [p for p in parts if self._not_run(keys, p) is None])
-        for part in parts:
-            if part in records:
+        records = self._run_parallel([(i, keys, part) for i, (keys, part) in enumerate(runs)
+                                      if self._not_run(keys, part) is None])
+        for i, (keys, part) in enumerate(runs):
+            if i in records:
                 self.runs += 1
-                self._tally(records[part], keys, part)
+                self._tally(records[i], keys, part)
             else:
                 self._skip_run(keys, part, report=True)
 
-    def _run_parallel(self, keys: list[dg.AssetKey], parts: list[str | None]) -> dict[str | None, RunRecord]:
-        """Run ``keys`` for ``parts`` in the pool, at most ``workers`` at a time, so that a fatal
-        error (a rejected API key) leaves the rest unstarted, as it does in one process."""
+    def _run_parallel(self, runs: list[tuple[int, list[dg.AssetKey], str | None]]) -> dict[int, RunRecord]:
+        """Run ``runs`` (index, keys, partition) in the pool, at most ``workers`` at a time, so
+        that a fatal error (a rejected API key) leaves the rest unstarted, as it does in one
+        process; their records by index."""
         assert self.pool is not None
-        queue = list(parts)
-        running: dict[Future[RunRecord], str | None] = {}
-        records: dict[str | None, RunRecord] = {}
+        queue = list(runs)
+        running: dict[Future[RunRecord], tuple[int, list[dg.AssetKey], str | None]] = {}
+        records: dict[int, RunRecord] = {}
         stop = self.stopped is not None
         while queue or running:
             while queue and not stop and len(running) < self.workers:
-                part = queue.pop(0)
-                running[self.pool.submit(_execute_in_worker, keys, part)] = part
+                run = queue.pop(0)
+                running[self.pool.submit(_execute_in_worker, run[1], run[2])] = run
             if not running:
                 break
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in done:
-                part = running.pop(future)
-                records[part] = record = _record_of(future)
+                i, keys, part = running.pop(future)
+                records[i] = record = _record_of(future)
                 stop = stop or record.fatal
-                self.progress.step(_label(keys, part), record.rows, bool(record.failures))
+                self.progress.step(_label(keys, part), record.rows, bool(record.failures), record.accepted)
         return records
 
     def _skip_run(self, keys: list[dg.AssetKey], part: str | None, report: bool = False) -> None:
@@ -531,7 +694,7 @@ class _Build:
         record = execute(self.defs, keys, part, self.instance)
         self.runs += 1
         self._tally(record, keys, part)
-        self.progress.step(_label(keys, part), record.rows, bool(record.failures))
+        self.progress.step(_label(keys, part), record.rows, bool(record.failures), record.accepted)
 
     def _tally(self, record: RunRecord, keys: list[dg.AssetKey], part: str | None) -> None:
         self.notes += record.notes
@@ -565,7 +728,7 @@ class _Build:
         for key in self.graph.toposorted_asset_keys:
             entry = self.entries.get(key.to_user_string())
             verdict = _failure_rate(entry, max_rate) if entry else None
-            if verdict is None:
+            if entry is None or verdict is None:
                 continue
             if not (self.graph.get(key).parent_keys & flagged):
                 entry["errors"].append(verdict)

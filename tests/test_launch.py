@@ -145,4 +145,33 @@ def test_the_instance_holds_a_second_run_of_a_shard_until_the_first_ends(tmp_pat
         assert not counter.is_blocked(_run(instance, {**batch, "dagster/asset_partition_range_start": "04"}))
     # the team deployment's instance holds shards apart the same way
     infra = yaml.safe_load((REPO / "infra" / "dagster.yaml").read_text())["run_coordinator"]
-    assert infra == yaml.safe_load(DAGSTER_YAML)["run_coordinator"]
+    local = yaml.safe_load(DAGSTER_YAML)["run_coordinator"]
+    assert infra["class"] == local["class"]  # (the team's also caps runs in progress)
+    assert infra["config"]["tag_concurrency_limits"] == local["config"]["tag_concurrency_limits"]
+
+
+def test_a_run_of_several_shards_records_each_shard_on_its_own(tmp_path: Path) -> None:
+    """A batched run (a multi_run backfill's, several shard keys in one run) writes each shard
+    where a run of that shard alone would, and records each with its own path and row count."""
+    from mmat_assets.runner import _definitions, execute
+
+    cfg = qa_project(tmp_path)
+    defs = _definitions(cfg, "local")[0]
+    with dg.DagsterInstance.ephemeral() as instance:
+        source = [k for k in defs.resolve_asset_graph().get_all_asset_keys() if "qa" in k.path and len(k.path) > 1]
+        assert not execute(defs, source, None, instance).failures
+        assets = list(defs.assets or []) + list(defs.asset_checks or [])
+        result = dg.materialize(assets, selection=[dg.AssetKey("foundation_samples")], instance=instance,
+                                resources=defs.resources, raise_on_error=False,
+                                tags={"dagster/asset_partition_range_start": "00",
+                                      "dagster/asset_partition_range_end": "03"})
+        assert result.success
+        mats = {m.partition_key: m.asset_materialization for m in instance.fetch_materializations(
+            dg.AssetKey("foundation_samples"), limit=100).records}
+    assert sorted(mats) == ["00", "01", "02", "03"]
+    paths = {part: Path(str(mat.metadata["path"].value)) for part, mat in mats.items()}
+    assert all(path.stem == part and path.is_file() for part, path in paths.items()), paths
+    import polars as pl
+
+    for part, mat in mats.items():
+        assert mat.metadata["dagster/row_count"].value == pl.read_parquet(paths[part]).height

@@ -22,6 +22,7 @@ from upath import UPath
 
 from mmat_assets.engine.cache import ResultCache
 from mmat_assets.engine.leases import Leases, LeaseStore, LeaseTimeout, lease_store, poll_delays
+from tests.moto_s3 import moto_s3
 
 REPO = Path(__file__).resolve().parents[1]
 PROCESSES = 4
@@ -34,27 +35,8 @@ PROC_TIMEOUT_S = 60
 
 @pytest.fixture(scope="module")
 def moto_url() -> Iterator[str]:
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    url = f"http://{host}:{port}"
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    import boto3
-
-    boto3.client("s3", endpoint_url=url).create_bucket(Bucket="leases")
-    try:
+    with moto_s3("leases") as url:
         yield url
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        server.stop()
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -166,10 +148,13 @@ def test_two_contenders_one_winner(where: dict[str, str], tmp_path: Path) -> Non
 
 
 def test_expired_lease_is_taken_over(where: dict[str, str]) -> None:
-    wait_all([spawn(f"die_holding({where['root']!r}, {where['endpoint']!r}, 3, 1.0, {ELSEWHERE!r})")])
+    # 8 s: long enough that a slow exit of the child on a busy machine leaves k0 live here
+    wait_all([spawn(f"die_holding({where['root']!r}, {where['endpoint']!r}, 3, 8.0, {ELSEWHERE!r})")])
     leases = Leases(store_at(**where), lease_s=5)
     assert leases.acquire("k0") is None  # another machine's holder: alive until its lease runs out
-    time.sleep(1.1)
+    store = store_at(**where)
+    expiries = [json.loads(store.read(f"k{i}").data)["expires"] for i in range(3)]  # type: ignore[union-attr]
+    time.sleep(max(expiries) - time.time() + 0.1)  # until the last of them has run out
     got = [leases.acquire(f"k{i}") for i in range(3)]
     assert all(g is not None for g in got) and leases.stats.taken_over == 3
     other = Leases(store_at(**where), lease_s=5)
@@ -190,11 +175,12 @@ def test_a_dead_holder_on_this_machine_is_taken_over_at_once(where: dict[str, st
 
 
 def test_renewal_keeps_a_lease_alive(where: dict[str, str]) -> None:
-    holder = Leases(store_at(**where), lease_s=0.6)
+    # 1.5 s: a renewal on a busy machine's moto server can take a good part of a second
+    holder = Leases(store_at(**where), lease_s=1.5)
     lease = holder.acquire("k")
     assert lease is not None
-    rival = Leases(store_at(**where), lease_s=0.6)
-    deadline = time.monotonic() + 2.0  # more than three lease times
+    rival = Leases(store_at(**where), lease_s=1.5)
+    deadline = time.monotonic() + 4.0  # more than two lease times
     while time.monotonic() < deadline:
         assert rival.acquire("k") is None, "a renewed lease was taken over"
         time.sleep(0.1)
@@ -280,3 +266,45 @@ def test_claims_across_processes_compute_each_key_once(where: dict[str, str], tm
     late.close()
     if not where["endpoint"]:  # every answer object was folded into a segment and removed
         assert list((Path(where["root"]) / "teacher" / "0" / "answers").glob("*.json")) == []
+
+
+def test_one_thread_renews_the_leases_of_every_holder(tmp_path: Path) -> None:
+    holders = [Leases(store_at(str(tmp_path / f"store{i}")), lease_s=1.0) for i in range(3)]
+    held = [h.acquire("k") for h in holders]
+    assert all(lease is not None for lease in held)
+    threads = [t for t in threading.enumerate() if t.name == "mmat-leases"]
+    assert len(threads) == 1, [t.name for t in threads]  # not one per holder (nor per lease)
+    rivals = [Leases(store_at(str(tmp_path / f"store{i}")), lease_s=1.0) for i in range(3)]
+    deadline = time.monotonic() + 2.2  # more than two lease times
+    while time.monotonic() < deadline:
+        assert all(r.acquire("k") is None for r in rivals), "a renewed lease was taken over"
+        time.sleep(0.1)
+    assert all(h.stats.renewed >= 2 and h.stats.lost == 0 for h in holders)
+    for h in holders + rivals:
+        h.close()
+
+
+def test_a_claim_on_a_local_root_creates_one_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lease file itself becomes the answer object: one create per paid request, not a
+    lease plus a temporary answer file (each create is a journal write on a busy disk)."""
+    cache = cache_at(str(tmp_path / "store"), "", str(tmp_path / "w"))
+    cache.claim("warm", lambda: ("r", {"v": "warm"}))  # folders made on first use are not per claim
+    creates: list[str] = []
+    real_open = os.open
+
+    def counting_open(path: Any, flags: int, *args: Any, **kw: Any) -> int:
+        if flags & os.O_CREAT:
+            creates.append(str(path))
+        return real_open(path, flags, *args, **kw)
+
+    monkeypatch.setattr(os, "open", counting_open)
+    assert cache.claim("k", lambda: ("computed", {"v": "1"})) == (None, "computed")
+    monkeypatch.undo()
+    assert len(creates) == 1 and creates[0].endswith("k.lease"), creates
+    shard = tmp_path / "store" / "teacher" / "0"
+    assert json.loads((shard / "answers" / "k.json").read_text()) == {"v": "1"}  # published whole
+    assert not list(shard.rglob("*.lease")) and not list(shard.rglob("*.tmp"))  # released, nothing left
+    other = cache_at(str(tmp_path / "store"), "", str(tmp_path / "elsewhere"))
+    assert other.claim("k", lambda: pytest.fail("paid twice")) == ({"v": "1"}, None)  # type: ignore[arg-type, return-value]
+    other.close()
+    cache.close()

@@ -119,6 +119,19 @@ def recorded_spend(cache: ResultCache | None) -> float:
     return sum(costs.values())
 
 
+def spend_under(folder: UPath) -> float:
+    """USD of every answer recorded under a request cache namespace's folder on the storage
+    root (``<root>/cache/teacher``): every shard's segments and published answer objects,
+    deduplicated; what a build's progress view shows, read from outside the workers."""
+    costs: dict[str, float] = {}
+    for shard in _dirs(folder):
+        for segment in _files(shard, ".sqlite"):
+            costs.update(_segment_costs(segment))
+        for answer in _files(shard / "answers", ".json"):
+            costs.update(_answer_cost(answer))
+    return sum(costs.values())
+
+
 def _dirs(folder: UPath) -> Iterator[UPath]:
     with contextlib.suppress(FileNotFoundError, NotADirectoryError):
         if hasattr(folder, "fs") and not isinstance(folder, Path):
@@ -179,11 +192,12 @@ def spend_metadata(df: Any, budget: Budget | None) -> dict[str, Any]:
     ok = df.filter(pl.col("status") == "ok").height if df.height else 0
     stopped = df.filter(pl.col("status") == BUDGET_REASON).height if df.height else 0
     usd = teacher_totals(df)["cost_usd"] if df.height else 0.0
-    out: dict[str, Any] = {"usd_per_accepted_sample": round(usd / ok, 6) if ok else 0.0,
+    out: dict[str, Any] = {"usd": round(usd, 6), "usd_per_accepted_sample": round(usd / ok, 6) if ok else 0.0,
                            f"rows_{BUDGET_REASON}": stopped}
     if budget is not None:
         out |= {"budget_usd": budget.cap_usd, "budget_spent_usd": round(budget.spent_usd, 6)}
     return out
 
 
-__all__ = ["BUDGET_EXIT_CODE", "row_status", "BUDGET_REASON", "Budget", "BudgetExhausted", "recorded_spend", "spend_metadata"]
+__all__ = ["BUDGET_EXIT_CODE", "row_status", "BUDGET_REASON", "Budget", "BudgetExhausted", "recorded_spend", "spend_metadata",
+           "spend_under"]

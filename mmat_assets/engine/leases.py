@@ -7,15 +7,18 @@ claim is a small lease object, one per key, in the store the answers go to:
 - **Create** is atomic: locally a file opened with ``O_CREAT | O_EXCL``, on S3 a
   conditional put (``IfNoneMatch="*"``). Exactly one contender gets it.
 - **Body**: the holder's id (``host:pid:token``) and its expiry (wall-clock seconds). A live
-  holder renews every lease it holds from one heartbeat thread, every third of
-  ``lease_s``; the machines sharing a store need clocks that agree to well within that.
+  holder renews every lease it holds, every third of ``lease_s``, from the one lease
+  thread of its process (see :class:`LeaseWorker`); the machines sharing a store need
+  clocks that agree to well within that.
 - **Takeover**: a lease whose expiry has passed (its holder died), or whose holder is a
   process on this machine, in this PID namespace, that no longer runs (killed, so a rerun
   need not wait out the lease), is replaced by a compare-and-swap on what was read: on S3 a put with ``IfMatch=<etag>``; locally a rename
   over it done under an ``flock`` of the lease folder's guard file, after checking that
   the file still holds what was read. Two processes taking over at once: one wins.
 - **Release** is the same compare-and-swap as a delete, so a holder that was too slow and
-  lost its lease never removes its successor's.
+  lost its lease never removes its successor's. A local lease well within its expiry
+  cannot have been taken over (its holder is alive and its clock is ours): it is simply
+  unlinked, without the guard and the read.
 
 A renewal that finds the lease gone or changed marks it lost (the holder was paused past
 its expiry and someone took over); the work still finishes, it may then have been done
@@ -33,12 +36,14 @@ import contextlib
 import fcntl
 import io
 import json
+import logging
 import os
 import secrets
 import socket
 import threading
 import time
 import uuid
+import weakref
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Iterator
@@ -55,6 +60,7 @@ WAIT_S = 900.0
 #: Waiting polls start this fast and back off to at most ``POLL_MAX_S`` between looks.
 POLL_FIRST_S, POLL_MAX_S = 0.02, 1.0
 LOCAL_PROTOCOLS = ("", "file", "local")
+log = logging.getLogger(__name__)
 
 
 class LeaseTimeout(TimeoutError):
@@ -154,6 +160,7 @@ def create_exclusive(path: Path | UPath, data: bytes) -> bool:
     put (``IfNoneMatch="*"``).
     """
     if not is_local(path):
+        assert isinstance(path, UPath)  # a plain Path is always local
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             path.fs.pipe_file(path.path, data, mode="create")
@@ -234,6 +241,17 @@ class LeaseStore(ABC):
     @abstractmethod
     def delete(self, key: str, etag: str) -> bool:
         """Delete the object if it still has ``etag``."""
+
+    def delete_own(self, key: str, etag: str) -> bool:
+        """Delete a live lease of ours that nobody can have taken over (its expiry is well
+        ahead); by default the same compare-and-swap as :meth:`delete`."""
+        return self.delete(key, etag)
+
+    def move_own(self, key: str, etag: str, data: bytes, target: str) -> bool:
+        """Turn a live lease of ours (as for :meth:`delete_own`) into the object ``target``
+        (a path in the same store) holding ``data``, atomically; False if this store cannot
+        (the default), and then nothing changed."""
+        return False
 
     def close(self) -> None:
         """Free what the store holds open (nothing by default)."""
@@ -320,6 +338,34 @@ class LocalLeaseStore(LeaseStore):
                 os.unlink(self._path(key))
         return True
 
+    def delete_own(self, key: str, etag: str) -> bool:
+        # No guard and no read: a takeover needs the lease expired, and this one is not.
+        try:
+            os.unlink(self._path(key))
+        except FileNotFoundError:
+            return False
+        return True
+
+    def move_own(self, key: str, etag: str, data: bytes, target: str) -> bool:
+        # The lease file is ours until it expires: fill it with the answer, then rename it into
+        # place. Meanwhile a reader sees a body it cannot parse and judges it live by its
+        # mtime; a creator still finds the name taken; the answer appears whole. Overwritten,
+        # not truncated first: ext4 flushes a file truncated to zero when it is closed.
+        path = self._path(key)
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            os.write(fd, data)
+            if len(data) < len(etag.encode()):  # the etag of a local lease is its body
+                os.ftruncate(fd, len(data))
+        finally:
+            os.close(fd)
+        try:
+            os.replace(path, target)
+        except FileNotFoundError:  # the target's folder is made on first use
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            os.replace(path, target)
+        return True
+
 
 class S3LeaseStore(LeaseStore):
     """Lease objects under an ``s3://`` prefix, through the prefix's own s3fs filesystem."""
@@ -389,6 +435,7 @@ def lease_store(folder: Path | UPath) -> LeaseStore:
     """The lease store for a local folder or an ``s3://`` prefix."""
     if is_local(folder):
         return LocalLeaseStore(Path(folder.path if isinstance(folder, UPath) else folder))
+    assert isinstance(folder, UPath)  # a plain Path is always local
     if folder.protocol not in ("s3", "s3a"):
         raise ValueError(f"leases need a local folder or s3:// (conditional writes), not {folder.protocol}://")
     return S3LeaseStore(folder)
@@ -405,6 +452,8 @@ class Lease:
     etag: str
     expires: float
     lost: bool = False
+    #: given up already (by :meth:`Leases.release_as`): a later release does nothing
+    released: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
 
@@ -434,12 +483,16 @@ class Leases:
         #: keys some thread of ours is creating a lease for right now (not yet in _held)
         self._creating: Counter[str] = Counter()
         self._lock = threading.Lock()
+        #: set: no more renewals (closed, or a test stalling the holder)
         self._stop = threading.Event()
-        self._beat: threading.Thread | None = None
+        #: when the lease thread renews our leases next (time.monotonic())
+        self.next_beat = 0.0
+        # The body is the same but for the expiry: format it once (a claim writes one per request).
+        self._head = '{"holder": %s, "pidns": %s, "expires": ' % (json.dumps(self.holder), json.dumps(self.pidns))
 
     def _body(self) -> tuple[bytes, float]:
         expires = time.time() + self.lease_s
-        return json.dumps({"holder": self.holder, "pidns": self.pidns, "expires": expires}).encode(), expires
+        return f"{self._head}{expires!r}}}".encode(), expires
 
     def _judge(self, stored: Stored) -> tuple[str, float]:
         """(holder, expiry) of a lease as read; one still being written counts from its mtime,
@@ -477,7 +530,7 @@ class Leases:
             lease = Lease(key, etag, expires)
             self._held[key] = lease
             self.stats.acquired += 1
-            self._start_heartbeat()
+        lease_worker().watch(self)
         return lease
 
     def _take_over(self, key: str, data: bytes) -> str | None:
@@ -502,8 +555,34 @@ class Leases:
         with lease.lock:
             with self._lock:
                 self._held.pop(lease.key, None)
-            if not lease.lost:
+            if lease.lost or lease.released:
+                return
+            lease.released = True
+            if self._fresh(lease):
+                self.store.delete_own(lease.key, lease.etag)
+            else:  # near or past its expiry: someone may have taken it over
                 self.store.delete(lease.key, lease.etag)
+
+    def release_as(self, lease: Lease, data: bytes, target: str) -> bool:
+        """Release ``lease`` by turning its object into ``target`` holding ``data`` (an
+        answer): one rename, where writing ``target`` and deleting the lease would take a
+        create, a rename and an unlink. False, with nothing released, where the store cannot
+        (see :meth:`LeaseStore.move_own`) or the lease is near its expiry: the caller then
+        writes ``target`` itself and calls :meth:`release`."""
+        with lease.lock:
+            if lease.lost or lease.released or not self._fresh(lease):
+                return False
+            if not self.store.move_own(lease.key, lease.etag, data, target):
+                return False
+            lease.released = True
+            with self._lock:
+                self._held.pop(lease.key, None)
+        return True
+
+    def _fresh(self, lease: Lease) -> bool:
+        """Well within its expiry: nobody can have taken it over (the caller holds its lock,
+        so no renewal is under way)."""
+        return time.time() < lease.expires - self.lease_s / 3
 
     def held(self) -> list[str]:
         with self._lock:
@@ -526,30 +605,117 @@ class Leases:
                     lease.etag, lease.expires = etag, expires
                     self.stats.renewed += 1
 
-    def _start_heartbeat(self) -> None:
-        if self._beat is None or not self._beat.is_alive():
-            self._stop.clear()
-            self._beat = threading.Thread(target=self._heartbeat, name="mmat-lease-heartbeat", daemon=True)
-            self._beat.start()
-
-    def _heartbeat(self) -> None:
-        while not self._stop.wait(self.lease_s / 3):
-            try:
-                self.renew()
-            except Exception:  # a storage hiccup: the next beat tries again, well before expiry
-                continue
+    def beat(self) -> None:
+        """One heartbeat (the lease thread calls it when ``next_beat`` is due)."""
+        if self._stop.is_set():
+            return
+        try:
+            self.renew()
+        except Exception:  # a storage hiccup: the next beat tries again, well before expiry
+            log.debug("lease renewal failed", exc_info=True)
 
     def close(self) -> None:
-        """Stop the heartbeat and release whatever is still held."""
+        """Stop renewing and release whatever is still held."""
         self._stop.set()
-        if self._beat is not None:
-            self._beat.join(timeout=5)
+        lease_worker().forget(self)
         with self._lock:
             leases = list(self._held.values())
         for lease in leases:
             with contextlib.suppress(OSError):
                 self.release(lease)
         self.store.close()
+
+
+class LeaseWorker:
+    """The one lease thread of a process: it renews the held leases of every open
+    :class:`Leases` when their beat is due (one thread, however many caches and leases).
+    Renewals over the network (S3) go to a few helper threads, one store at a time each, so
+    a slow store never delays another's beat past its expiry. Started on first use; a
+    forked child gets a fresh one."""
+
+    #: helper threads for remote renewals
+    REMOTE_THREADS = 8
+
+    def __init__(self) -> None:
+        self._owners: weakref.WeakSet[Leases] = weakref.WeakSet()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._remote: Any = None  # a ThreadPoolExecutor once a remote store is held
+        self._beating: set[int] = set()  # ids of the Leases a helper renews right now
+
+    def watch(self, leases: Leases) -> None:
+        """Renew ``leases``' held leases from now on."""
+        with self._lock:
+            if leases in self._owners:
+                return
+            leases.next_beat = time.monotonic() + leases.lease_s / 3
+            self._owners.add(leases)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="mmat-leases", daemon=True)
+                self._thread.start()
+        self._wake.set()  # its wait may end after this one's first beat is due
+
+    def forget(self, leases: Leases) -> None:
+        with self._lock:
+            self._owners.discard(leases)
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                due = min((o.next_beat for o in self._owners), default=time.monotonic() + 60.0)
+            self._wake.wait(max(0.0, due - time.monotonic()))
+            self._wake.clear()
+            with self._lock:
+                now = time.monotonic()
+                owners = [o for o in self._owners if o.next_beat <= now and id(o) not in self._beating]
+                for owner in owners:
+                    owner.next_beat = now + owner.lease_s / 3
+            for owner in owners:
+                try:
+                    self._beat_remote(owner) if owner.store.remote else owner.beat()
+                except Exception:  # at interpreter exit the helpers take no more work
+                    log.debug("lease heartbeat failed", exc_info=True)
+            del owners  # while waiting, hold no Leases alive that nobody else does
+
+    def _beat_remote(self, owner: Leases) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        if self._remote is None:
+            self._remote = ThreadPoolExecutor(self.REMOTE_THREADS, thread_name_prefix="mmat-lease-renew")
+        with self._lock:
+            self._beating.add(id(owner))
+
+        def beat() -> None:
+            try:
+                owner.beat()
+            finally:
+                with self._lock:
+                    self._beating.discard(id(owner))
+
+        self._remote.submit(beat)
+
+
+_worker: LeaseWorker | None = None
+_worker_lock = threading.Lock()
+
+
+def lease_worker() -> LeaseWorker:
+    """This process's lease thread (created on first use)."""
+    global _worker
+    if _worker is None:
+        with _worker_lock:
+            if _worker is None:
+                _worker = LeaseWorker()
+    return _worker
+
+
+def _forget_worker() -> None:
+    global _worker
+    _worker = None  # the parent's thread does not exist in a forked child
+
+
+os.register_at_fork(after_in_child=_forget_worker)
 
 
 def poll_delays(wait_s: float) -> Iterator[float]:
@@ -571,6 +737,7 @@ __all__ = [
     "LeaseStats",
     "LeaseStore",
     "LeaseTimeout",
+    "LeaseWorker",
     "Leases",
     "LocalLeaseStore",
     "S3LeaseStore",
@@ -580,5 +747,6 @@ __all__ = [
     "exclusive_lock",
     "holder_id",
     "lease_store",
+    "lease_worker",
     "poll_delays",
 ]
