@@ -338,10 +338,11 @@ class TeacherError(RuntimeError):
     """A request that failed for good; ``reason`` is a short category recorded on the row.
 
     Reasons: ``refusal``, ``unparseable``, ``rate_limited``, ``timeout``, ``http_error``,
-    ``unsupported``, ``auth`` (the server rejected the credentials: HTTP 401/403). Teachers
-    raise this (never a transport exception) once their retries are spent, so the engine can
-    quarantine the row and carry on; ``auth`` instead stops the stage, since every other row
-    would fail the same way.
+    ``unsupported``, ``batch_expired`` / ``batch_failed`` (a Batch API item that still expired
+    or failed after its resubmissions), ``auth`` (the server rejected the credentials: HTTP
+    401/403). Teachers raise this (never a transport exception) once their retries are spent,
+    so the engine can quarantine the row and carry on; ``auth`` instead stops the stage, since
+    every other row would fail the same way.
     """
 
     def __init__(self, reason: str, detail: str) -> None:
@@ -367,6 +368,23 @@ class Teacher(Component[OptionsT]):
     model: str = ""
     vision: bool = False
     request_kinds: ClassVar[frozenset[str]] = REQUEST_KINDS
+    #: True for a teacher that answers a shard's requests in turn-synchronous batches (a
+    #: Batch API): the engine then lets every row of a shard in at once, since a row limit
+    #: would cut each turn into several batches, and reports live rows to :meth:`rows_live`.
+    batched: bool = False
+
+    def rows_live(self, count: int, store: Any = None) -> None:
+        """Called by the engine from inside a shard's event loop: ``count`` rows of the shard
+        may still send a request (the shard's size first, then fewer as rows finish), and
+        ``store`` is the shard's request cache (``get``/``put_many`` of JSON objects), where
+        the teacher may keep what a rerun needs to resume (batch ids). A batching teacher
+        sends a turn once every live row waits on it. The default ignores it."""
+
+    def shard_metadata(self, store: Any = None) -> dict[str, Any]:
+        """What this teacher did for the shard whose request cache is ``store``, for the
+        stage asset's metadata (a batching teacher: its batches and their statuses). The
+        default has nothing to say."""
+        return {}
 
     @abstractmethod
     def complete(self, request: TeacherRequest) -> TeacherReply:
@@ -433,11 +451,20 @@ class Trainer(Component[OptionsT]):
     (:meth:`base_student`), for the record encoder the export's pre-flight checks every
     record with (:meth:`encoder`), and for a model that answers evaluation prompts
     (:meth:`responder`); each has a default that works without a model.
+
+    The trainer runs in its own process, which imports the class by its module and name:
+    define it at the top level of a module. When its ``Options`` has a ``student`` field,
+    the host sets it to the base student (what :meth:`base_student` built, or
+    ``export.student`` as configured).
     """
 
     @abstractmethod
     def train(self, export_dir: Path, out_dir: Path) -> dict[str, Any]:
-        """Train; write the checkpoint under ``out_dir``; return metrics and paths."""
+        """Train on ``export_dir/train.jsonl``; write the checkpoint under ``out_dir``; return
+        metrics and paths. ``checkpoint`` (default ``out_dir``), ``final_loss``, ``steps``,
+        ``seconds``, ``train_tokens``, ``tokens_per_s``, ``peak_memory_mb`` and
+        ``loss_curve`` (``[[step, loss], ...]``) are shown as the asset's metadata when
+        present; none is required."""
 
     def base_student(self, student: str, out_dir: Path) -> Path | None:
         """Build the configured ``student`` (``export.student``) into ``out_dir`` when this
@@ -462,6 +489,12 @@ class Trainer(Component[OptionsT]):
         ``checkpoint`` :meth:`train` returned), with the tuned model; evaluation scores its
         replies. Default: raises NotImplementedError (this trainer's models cannot be evaluated)."""
         raise NotImplementedError(f"trainer {self.name!r} cannot run a model for evaluation")
+
+    def token_counter(self, student: str) -> Callable[[str], int] | None:
+        """How many tokens ``student`` spends on a text (its tokenizer): the evaluation sizes
+        its per-turn generation limits from the training data with it. Default: None (the
+        host then counts about four characters a token)."""
+        return None
 
 
 @dataclass

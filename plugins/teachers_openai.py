@@ -24,6 +24,7 @@ from __future__ import annotations
 import ast
 import asyncio
 import base64
+import contextlib
 import functools
 import importlib.util
 import io
@@ -36,6 +37,7 @@ import re
 import ssl
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Coroutine, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -46,6 +48,8 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from mmat_assets.contracts import Availability, Teacher, TeacherError, TeacherReply, TeacherRequest
 from mmat_assets.hookspecs import Register, hookimpl
+from mmat_assets.toolkit.ratelimit import AdaptiveLimiter
+from mmat_assets.toolkit.batch import BatchCollector, BatchLimits, BatchStats
 
 if TYPE_CHECKING:
     import openai
@@ -53,8 +57,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-JsonMode = Literal["schema", "json_object", "none"]
-JSON_MODES: tuple[JsonMode, ...] = ("schema", "json_object", "none")
+JsonMode = Literal["schema", "json_object_schema", "json_object", "none"]
+JSON_MODES: tuple[JsonMode, ...] = ("schema", "json_object_schema", "json_object", "none")
 #: Request ``params`` forwarded to the server; anything else only shapes the cache key.
 FORWARDED_PARAMS = ("temperature", "max_tokens", "max_completion_tokens", "top_p", "seed", "stop",
                     "presence_penalty", "frequency_penalty")
@@ -81,8 +85,36 @@ def default_prices() -> dict[str, ModelPrice]:
     }
 
 
+class BatchOptions(BaseModel):
+    """How ``mode: batch`` cuts, polls and retries batches (see mmat_assets.toolkit.batch)."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_requests: int = Field(default=50_000, ge=1, description="Most requests in one batch "
+                              "(the provider's limit); a larger turn goes out as several batches.")
+    max_bytes: int = Field(default=200 * 1024 * 1024, ge=1024, description="Largest batch input "
+                           "file in bytes (the provider's limit).")
+    price_factor: float = Field(default=0.5, ge=0, description="Batch price as a fraction of the "
+                                "price table (OpenAI charges half).")
+    collect_s: float = Field(default=5.0, gt=0, description="A turn leaves once every live row "
+                             "waits on it, or once no request has joined for this long (rows the "
+                             "engine does not count, rows still running tools).")
+    poll_s: float = Field(default=15.0, gt=0, description="First wait between status polls; it "
+                          "grows by half each poll.")
+    poll_max_s: float = Field(default=300.0, gt=0, description="Longest wait between status polls.")
+    resubmits: int = Field(default=2, ge=0, description="Submissions again of an expired or "
+                           "failed item (or of every item of a failed batch) before its row is "
+                           "quarantined as batch_expired / batch_failed.")
+    completion_window: str = Field(default="24h", description="The batch's completion window.")
+
+
 class OpenAIOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    mode: Literal["online", "batch"] = Field(
+        default="online", description="'online' sends each request as it comes; 'batch' sends "
+        "turn k of every live row of a shard as one Batch API job (files + batches), at the "
+        "batch price, and resumes polling after a kill. Sync callers (tools) stay online.")
+    batch: BatchOptions = Field(default_factory=BatchOptions, description="Batch mode's limits, "
+                                "polling, resubmissions and price.")
     base_url: str = Field(default="https://api.openai.com/v1",
                           description="Endpoint root; the SDK appends '/chat/completions'.")
     model: str = Field(default="gpt-4o", description="Model (or Azure deployment) name sent "
@@ -106,7 +138,16 @@ class OpenAIOptions(BaseModel):
     max_image_side: int = Field(default=768, ge=16, description="Images are downsized to "
                                 "this longest side before being sent as data URLs.")
     concurrency: int = Field(default=16, ge=1, description="Requests in flight at once "
-                             "(per event loop; sync callers in all threads share one limit).")
+                             "(per event loop; sync callers in all threads share one limit). "
+                             "With adaptive_concurrency, the ceiling the teacher starts at.")
+    adaptive_concurrency: bool = Field(
+        default=True, description="Adapt the requests in flight to the provider's rate limit "
+        "(AIMD): halve them on a 429, grow back by one per window of successes, and hold new "
+        "requests while the x-ratelimit-remaining-* headers say the budget is spent. Shared by "
+        "all event loops of this teacher, so parallel runs settle near the provider's limit.",
+    )
+    min_concurrency: int = Field(default=1, ge=1, description="The fewest requests in flight "
+                                 "adaptive concurrency cuts down to (at most concurrency).")
     timeout_s: float = Field(default=120.0, gt=0, description="Per-request timeout.")
     max_retries: int = Field(default=5, ge=0, description="The SDK's retries of one request "
                              "after 408, 409, 429, 5xx, timeouts and connection errors.")
@@ -118,8 +159,10 @@ class OpenAIOptions(BaseModel):
                                  "honoured as sent.")
     json_mode: JsonMode = Field(
         default="schema", description="How JSON is asked for when a request has a schema: "
-        "'schema' (response_format json_schema), 'json_object', or 'none' (prompt only). A "
-        "server that rejects it with HTTP 400 moves this teacher one step down, for good.",
+        "'schema' (response_format json_schema), 'json_object_schema' (json_object carrying "
+        "the schema, the llama-cpp-python server's form of schema-constrained output), "
+        "'json_object', or 'none' (prompt only). A server that rejects it with HTTP 400 moves "
+        "this teacher one step down to 'json_object', then 'none', for good.",
     )
     strict_schema: bool = Field(
         default=False, description="Send json_schema with strict=true, so OpenAI enforces "
@@ -159,6 +202,9 @@ class _Call:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     model: str = ""
+    #: batch mode: the request's hash (its first body's custom_id) and bodies sent so far
+    key: str = ""
+    sends: int = 0
 
 
 class _Fallback(Exception):
@@ -199,11 +245,17 @@ class OpenAITeacher(Teacher):
         """Loop-bound clients and the sync callers' limit: never copied, rebuilt on demand."""
         self._sessions: dict[asyncio.AbstractEventLoop, _Session] = {}
         self._sync_gate = threading.BoundedSemaphore(self.options.concurrency)
+        o = self.options
+        self._limiter = (AdaptiveLimiter(o.concurrency, minimum=min(o.min_concurrency, o.concurrency))
+                         if o.adaptive_concurrency else None)
+        self._collectors: dict[asyncio.AbstractEventLoop, BatchCollector] = {}
+        #: each shard's batch counts, by its request cache: one shard's stages add up
+        self._shard_stats: weakref.WeakKeyDictionary[Any, BatchStats] = weakref.WeakKeyDictionary()
 
     def __getstate__(self) -> dict[str, Any]:
         # Executors may pickle or copy resources; sockets and semaphores cannot travel.
         state = self.__dict__.copy()
-        for key in ("_sessions", "_sync_gate"):
+        for key in ("_sessions", "_sync_gate", "_limiter", "_collectors", "_shard_stats"):
             state.pop(key, None)
         return state
 
@@ -255,13 +307,67 @@ class OpenAITeacher(Teacher):
         """Sync form of :meth:`acomplete` for callers in worker threads (the caption tool,
         a judge's ``score``); all sync callers share one ``concurrency`` limit."""
         with self._sync_gate:
-            return run_sync(self.acomplete(request))
+            # Online even in batch mode: a tool waits on it inside a row's turn.
+            return run_sync(self._complete(as_request(request), batch=False))
 
     async def acomplete(self, request: TeacherRequest | Mapping[str, Any]) -> TeacherReply:
+        return await self._complete(as_request(request), batch=self.batched)
+
+    async def _complete(self, request: TeacherRequest, batch: bool) -> TeacherReply:
         started = time.perf_counter()
-        call = await self._prepare(as_request(request))
+        call = await self._prepare(request)
+        if batch:
+            call.key = request.fingerprint(self.model)
         content = self._scrub(await self._answer(call))  # scrubbed before anyone stores it
         return self._reply(call, content, time.perf_counter() - started)
+
+    # ------------------------------------------------------------- batch mode
+
+    @property
+    def batched(self) -> bool:  # type: ignore[override]
+        return self.options.mode == "batch"
+
+    def rows_live(self, count: int, store: Any = None) -> None:
+        if not self.batched:
+            return
+        collector = self._collector()
+        if store is not None and collector.store is not store:
+            collector.stats = self._shard_stats.setdefault(store, collector.stats)
+        collector.set_live(count, store)
+
+    def shard_metadata(self, store: Any = None) -> dict[str, Any]:
+        stats = self._shard_stats.get(store) if store is not None else None
+        return stats.as_metadata() if self.batched and stats is not None else {}
+
+    def _collector(self) -> BatchCollector:
+        """The batch queue of the running loop (one shard), built on first use."""
+        loop = asyncio.get_running_loop()
+        collector = self._collectors.get(loop)
+        if collector is None:
+            for old in [k for k in self._collectors if k.is_closed()]:
+                del self._collectors[old]
+            b = self.options.batch
+            endpoint = CHAT_PATH if self.options.api_version else "/v1" + CHAT_PATH
+            limits = BatchLimits(b.max_requests, b.max_bytes, b.collect_s, b.poll_s, b.poll_max_s,
+                                 b.resubmits, endpoint)
+            collector = self._collectors[loop] = BatchCollector(_Batches(self), limits)
+        return collector
+
+    async def _post_batch(self, call: _Call, body: dict[str, Any]) -> dict[str, Any]:
+        """One chat completion through the shard's next batch; the response body, or TeacherError."""
+        # Re-asks and JSON-mode fallbacks are further bodies of one request: numbered, so a
+        # rerun asks them under the same custom_id.
+        custom_id = call.key if not call.sends else f"{call.key}.{call.sends}"
+        call.sends += 1
+        try:
+            result = await self._collector().send(custom_id, body)
+        except TeacherError as exc:  # the provider's words may echo the key
+            raise self._error(exc.reason, str(exc)) from None
+        call.attempts += 1
+        if result.status_code != 200:
+            raise self._status_failure(_BatchResponse(result.status_code, json.dumps(result.body)),
+                                       "response_format" in body)
+        return result.body
 
     async def aclose(self) -> None:
         """Close the SDK client bound to the running event loop (it is also closed when
@@ -296,6 +402,9 @@ class OpenAITeacher(Teacher):
         content = message.get("content")
         if not isinstance(content, list):
             return dict(message)
+        if not self.vision and all(isinstance(p, Mapping) and p.get("type") == "text" for p in content):
+            # A text-only server's chat template expects a string: llama.cpp's fail on a list.
+            return {**message, "content": "\n".join(str(p.get("text") or "") for p in content)}
         return {**message, "content": [self._encode_part(p) for p in content]}
 
     def _encode_part(self, part: Mapping[str, Any]) -> dict[str, Any]:
@@ -332,6 +441,8 @@ class OpenAITeacher(Teacher):
             return {"type": "json_schema",
                     "json_schema": {"name": name, "schema": call.schema,
                                     "strict": self.options.strict_schema}}
+        if call.json_mode == "json_object_schema" and call.schema is not None:
+            return {"type": "json_object", "schema": call.schema}
         return {"type": "json_object"}
 
     # ------------------------------------------------------------- answering, repair
@@ -368,7 +479,8 @@ class OpenAITeacher(Teacher):
             except _Fallback:
                 # A 400 may be about response_format or about anything else; stepping down
                 # for this call tells which, without trusting each server's error wording.
-                call.json_mode = "none" if body["response_format"]["type"] == "json_object" else "json_object"
+                sent = body["response_format"]
+                call.json_mode = "none" if sent["type"] == "json_object" and "schema" not in sent else "json_object"
                 continue
             self._remember_mode(call.json_mode)
             return self._take(call, data)
@@ -408,12 +520,14 @@ class OpenAITeacher(Teacher):
 
     async def _post(self, call: _Call, body: dict[str, Any]) -> dict[str, Any]:
         """POST one chat completion through the SDK; the decoded body, or TeacherError."""
+        if call.key:
+            return await self._post_batch(call, body)
         import httpx2
         import openai
 
         session = await self._session()
         try:
-            async with session.gate:
+            async with session.gate, self._limiter.slot() if self._limiter else contextlib.nullcontext():
                 # The plain JSON body goes out as it is: ``chat.completions.create`` would walk
                 # every message through the SDK's TypedDict transform (half its CPU per request)
                 # and parse the reply into pydantic models only to be dumped again here.
@@ -421,6 +535,8 @@ class OpenAITeacher(Teacher):
                                                  options=self._request_options())  # type: ignore[call-overload]
         except openai.APIStatusError as exc:
             call.attempts += _attempts(exc.response.request)
+            if exc.response.status_code == 429:  # the last attempt's; the SDK saw the others
+                session.client.note_429(exc.response)  # type: ignore[attr-defined]
             raise self._status_failure(exc.response, "response_format" in body) from None
         except openai.APIConnectionError as exc:  # APITimeoutError included
             call.attempts += _attempts(exc.request)
@@ -432,6 +548,9 @@ class OpenAITeacher(Teacher):
             data = None
         if not isinstance(data, dict):
             raise self._error("http_error", f"HTTP {resp.status_code} but not a chat completion: {resp.text[:300]}")
+        if self._limiter is not None:
+            usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+            self._limiter.succeeded(resp.headers, _count(usage.get("total_tokens")))  # type: ignore[union-attr]
         return data
 
     def _connection_failure(self, exc: Exception, attempts: int) -> TeacherError:
@@ -509,6 +628,8 @@ class OpenAITeacher(Teacher):
         else:
             client = plain(base_url=o.base_url, **common)
         client.backoff = self._backoff  # type: ignore[attr-defined]
+        client.throttled = self._limiter.throttled if self._limiter else None  # type: ignore[attr-defined]
+        client.requeue = self._limiter.requeue if self._limiter else None  # type: ignore[attr-defined]
         return client
 
     def _backoff(self, retry: int) -> float:
@@ -523,14 +644,77 @@ class OpenAITeacher(Teacher):
         price = self._price(call.model or self.model)
         if price is None:
             return 0.0
-        return (call.prompt_tokens * price.input_per_1k
-                + call.completion_tokens * price.output_per_1k) / 1000
+        factor = self.options.batch.price_factor if call.key else 1.0
+        return factor * (call.prompt_tokens * price.input_per_1k
+                         + call.completion_tokens * price.output_per_1k) / 1000
 
     def _price(self, model: str) -> ModelPrice | None:
         matches = [k for k in self.options.prices if model == k or model.startswith(k)]
         if not matches and model != self.model:
             return self._price(self.model)
         return self.options.prices[max(matches, key=len)] if matches else None
+
+
+# ----------------------------------------------------------------------- Batch API
+
+
+@dataclass
+class _BatchResponse:
+    """A batch item's HTTP status and body, shaped like the SDK's response for
+    :meth:`OpenAITeacher._status_failure`."""
+
+    status_code: int
+    text: str
+
+
+class _Batches:
+    """The Batch API through the teacher's SDK client (``files`` and ``batches``), SDK errors
+    turned into the teacher's reasons."""
+
+    def __init__(self, teacher: OpenAITeacher) -> None:
+        self.teacher = teacher
+
+    async def _sdk(self, fn: Any, **kwargs: Any) -> Any:
+        import openai
+
+        session = await self.teacher._session()
+        headers = self.teacher._request_options().get("headers")
+        try:
+            return await fn(session.client, **kwargs, **({"extra_headers": headers} if headers else {}))
+        except openai.APIStatusError as exc:
+            raise self.teacher._status_failure(exc.response, False) from None
+        except openai.APIConnectionError as exc:
+            raise self.teacher._connection_failure(exc, 1) from None
+
+    async def upload(self, data: bytes) -> str:
+        f = await self._sdk(lambda c, **kw: c.files.create(file=("batch.jsonl", data), purpose="batch", **kw))
+        return str(f.id)
+
+    async def create(self, file_id: str) -> str:
+        o = self.teacher.options
+        b = await self._sdk(lambda c, **kw: c.batches.create(
+            input_file_id=file_id, endpoint="/v1" + CHAT_PATH if not o.api_version else CHAT_PATH,
+            completion_window=o.batch.completion_window, metadata={"mmat_input_file": file_id}, **kw))
+        return str(b.id)
+
+    async def find(self, file_id: str) -> str | None:
+        async def scan(c: Any, **kw: Any) -> str | None:
+            async for b in c.batches.list(limit=100, **kw):
+                if b.input_file_id == file_id:
+                    return str(b.id)
+            return None
+
+        found: str | None = await self._sdk(scan)
+        return found
+
+    async def retrieve(self, batch_id: str) -> dict[str, Any]:
+        b = await self._sdk(lambda c, **kw: c.batches.retrieve(batch_id, **kw))
+        info: dict[str, Any] = b.model_dump()
+        return info
+
+    async def content(self, file_id: str) -> bytes:
+        r = await self._sdk(lambda c, **kw: c.files.content(file_id, **kw))
+        return bytes(r.content)
 
 
 # ----------------------------------------------------------------------- SDK clients
@@ -541,6 +725,28 @@ class _Backoff:
     honoured through the SDK's own parsing; without one, the wait is the teacher's."""
 
     backoff: Any  # (retry number) -> seconds
+    throttled: Any = None  # (Retry-After seconds, headers) -> None: AdaptiveLimiter.throttled
+    requeue: Any = None  # async (seconds) -> None: AdaptiveLimiter.requeue
+
+    def _should_retry(self, response: Any) -> bool:
+        # Called for every failed attempt the SDK may retry, inside the request's limiter slot.
+        if response.status_code == 429:
+            self.note_429(response)
+        return bool(super()._should_retry(response))  # type: ignore[misc]
+
+    async def _sleep_for_retry(self, *, retries_taken: int, max_retries: int, options: Any,
+                               response: Any) -> None:
+        # After a 429 the retry queues for a slot of the adaptive limit like a new request.
+        if self.requeue is None or response is None or response.status_code != 429:
+            return await super()._sleep_for_retry(  # type: ignore[misc]
+                retries_taken=retries_taken, max_retries=max_retries, options=options, response=response)
+        wait = self._calculate_retry_timeout(max_retries - retries_taken, options, response.headers)
+        await self.requeue(wait)
+
+    def note_429(self, response: Any) -> None:
+        """Tell the adaptive limiter about a 429 and its ``Retry-After``."""
+        if self.throttled is not None:
+            self.throttled(self._parse_retry_after_header(response.headers), response.headers)  # type: ignore[attr-defined]
 
     def _calculate_retry_timeout(self, remaining_retries: int, options: Any,
                                  response_headers: Any = None) -> float:
@@ -716,17 +922,28 @@ def repair_json(text: str) -> dict[str, Any] | None:
     """Recover the JSON object in a sloppy reply, or None.
 
     Handles what small and chatty models do: code fences, prose around the object,
-    trailing commas, single quotes and Python literals (``True``/``None``).
+    trailing commas, raw line breaks inside strings, single quotes and Python literals
+    (``True``/``None``).
     """
     for candidate in _candidates(text):
         for attempt in (candidate, TRAILING_COMMA.sub(r"\1", candidate)):
-            obj = parse_object(attempt, strict=False)
+            obj = parse_object(attempt, strict=False) or _with_control_chars(attempt)
             if obj is not None:
                 return obj
         obj = _python_literal(candidate)
         if obj is not None:
             return obj
     return None
+
+
+def _with_control_chars(text: str) -> dict[str, Any] | None:
+    """JSON whose strings hold raw control characters (a line break typed as is), which
+    strict JSON forbids and grammar-constrained servers let through."""
+    try:
+        obj = json.JSONDecoder(strict=False).decode(text)
+    except ValueError:
+        return None
+    return obj if isinstance(obj, dict) else None
 
 
 def _candidates(text: str) -> list[str]:

@@ -8,15 +8,20 @@ Faults are picked by a script (per arrival index, or a function of index and bod
 a seeded fraction of calls, decided per body hash and repeat so the choice does not depend
 on thread timing. The reply text comes from a replaceable hook, so tests can script
 multi-step dialogues. The ``Authorization`` / ``api-key`` headers are recorded only as
-"present" or "absent": the key text is never stored.
+"present" or "absent": the key text is never stored. With a :class:`TokenBucket` as
+``rate_limit`` it also behaves like a rate-limited provider: a request finding the bucket
+empty gets 429 with ``Retry-After``, and every reply carries OpenAI's
+``x-ratelimit-*-requests`` headers.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -52,6 +57,65 @@ def _text_len(body: dict[str, Any]) -> int:
 
 
 @dataclass
+class TokenBucket:
+    """A provider's request limit: ``rate`` requests per second, bursts up to ``burst``.
+
+    Counts what it admitted and refused, and when it admitted the first and last request,
+    so a test can measure throughput against the limit at the server.
+    """
+
+    rate: float
+    burst: int
+
+    admitted: int = field(default=0, init=False)
+    refused: int = field(default=0, init=False)
+    first_admit: float = field(default=0.0, init=False)
+    last_admit: float = field(default=0.0, init=False)
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+        self._tokens = float(self.burst)
+        self._stamp = time.monotonic()
+
+    def take(self) -> tuple[bool, dict[str, str]]:
+        """Admit one request or not, with the rate-limit headers of the reply."""
+        with self._lock:
+            now = time.monotonic()
+            self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
+            self._stamp = now
+            ok = self._tokens >= 1
+            if ok:
+                self._tokens -= 1
+                self.first_admit = self.first_admit or now
+                self.last_admit = now
+                self.admitted += 1
+            else:
+                self.refused += 1
+            headers = self._headers()
+            if not ok:
+                wait = (1 - self._tokens) / self.rate
+                headers.update({"Retry-After": str(max(1, math.ceil(wait))),
+                                "retry-after-ms": str(max(1, round(wait * 1000)))})
+            return ok, headers
+
+    def _headers(self) -> dict[str, str]:
+        # as OpenAI sends them: the reset is the time until the bucket is full again
+        full_in = (self.burst - self._tokens) / self.rate
+        return {"x-ratelimit-limit-requests": str(self.burst),
+                "x-ratelimit-remaining-requests": str(int(self._tokens)),
+                "x-ratelimit-reset-requests": f"{full_in * 1000:.0f}ms"}
+
+    @property
+    def share_refused(self) -> float:
+        return self.refused / max(self.admitted + self.refused, 1)
+
+    def throughput(self) -> float:
+        """Admitted requests per second between the first and the last admission."""
+        span = self.last_admit - self.first_admit
+        return (self.admitted - 1) / span if span > 0 else 0.0
+
+
+@dataclass
 class FakeOpenAI:
     """The server and everything it saw. Use as a context manager or call start/stop."""
 
@@ -66,6 +130,8 @@ class FakeOpenAI:
     #: ``response_format`` types answered with HTTP 400, as a server without them would.
     reject_formats: set[str] = field(default_factory=set)
     usage: tuple[int, int] | None = None
+    #: a provider's rate limit; None: no limit and no rate-limit headers
+    rate_limit: TokenBucket | None = None
 
     counts: Counter[str] = field(default_factory=Counter, init=False)
     bodies: list[dict[str, Any]] = field(default_factory=list, init=False)
@@ -221,6 +287,11 @@ def _handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
                 fake._leave(status)
 
         def _answer(self, body: dict[str, Any], fault: str | None) -> int:
+            limits: dict[str, str] = {}
+            if fake.rate_limit is not None:
+                admitted, limits = fake.rate_limit.take()
+                if not admitted:  # refused at once, as a provider's edge does
+                    return self._send(429, _error("Rate limit reached for requests", "requests"), limits)
             fake.sleep(fake.latency_s)
             fmt = (body.get("response_format") or {}).get("type")
             if fmt in fake.reject_formats:
@@ -236,7 +307,7 @@ def _handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
                 return self._send(400, _error("Bad request", "invalid_request_error"))
             if fault == "slow":
                 fake.sleep(fake.slow_s)
-            return self._send(200, self._completion(body, fault))
+            return self._send(200, self._completion(body, fault), limits)
 
         def _completion(self, body: dict[str, Any], fault: str | None) -> dict[str, Any]:
             if fault == "malformed":
@@ -267,4 +338,4 @@ def _handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-__all__ = ["FAULTS", "FakeOpenAI", "body_hash", "step_reply"]
+__all__ = ["FAULTS", "FakeOpenAI", "TokenBucket", "body_hash", "step_reply"]

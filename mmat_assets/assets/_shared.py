@@ -123,4 +123,4 @@ def cache_metadata(env: Environment) -> dict[str, Any]:
         if cache is not None:
             out[f"cache_{ns}_hits"] = cache.stats.hits
             out[f"cache_{ns}_misses"] = cache.stats.misses
-    return out
+    return out | env.teacher.shard_metadata(env.request_cache)

@@ -152,7 +152,7 @@ class ResultCache:
             if lease is not None:
                 try:
                     self._count(None)
-                    return None, self._store(key, compute())
+                    return None, self._store(key, compute(), lease)
                 finally:
                     self.leases.release(lease)
             first = False
@@ -173,7 +173,7 @@ class ResultCache:
                 try:
                     self._count(None)
                     computed = await compute()
-                    return None, await self._io(self._store, key, computed)
+                    return None, await self._io(self._store, key, computed, lease)
                 finally:
                     await self._io(self.leases.release, lease)
             first = False
@@ -181,10 +181,13 @@ class ResultCache:
 
     def put(self, key: str, value: Mapping[str, Any]) -> None:
         """Store ``value`` under ``key``; committed locally at once."""
+        self._put_json(key, canonical_json(dict(value)))
+
+    def _put_json(self, key: str, text: str) -> None:
         with self._lock:
             self._db.execute(
                 "INSERT OR REPLACE INTO entries (key, value, created, segment) VALUES (?,?,?,?)",
-                (key, canonical_json(dict(value)), time.time(), self.segment),
+                (key, text, time.time(), self.segment),
             )
             self._db.commit()
             self.stats.writes += 1
@@ -192,6 +195,19 @@ class ResultCache:
             due = time.monotonic() - self._last_flush >= self.flush_interval_s
             if self.remote is not None and due:
                 self.flush()
+
+    def put_many(self, values: Mapping[str, Mapping[str, Any]]) -> None:
+        """Store several values in one commit (all or none survive a kill), and upload
+        this run's segment at once: they are records a rerun elsewhere must find."""
+        with self._lock:
+            now = time.time()
+            self._db.executemany(
+                "INSERT OR REPLACE INTO entries (key, value, created, segment) VALUES (?,?,?,?)",
+                [(k, canonical_json(dict(v)), now, self.segment) for k, v in values.items()])
+            self._db.commit()
+            self.stats.writes += len(values)
+            self._unflushed += len(values)
+            self.flush()
 
     def __len__(self) -> int:
         with self._lock:
@@ -267,10 +283,11 @@ class ResultCache:
 
     def _answered_elsewhere(self, key: str) -> dict[str, Any] | None:
         """The answer another process stored since our first look (we hold the lease now)."""
-        found = self._read_answer(key)
+        found = self._read_answer(key)  # without an answer object it looks in the local file
         if found is None and self.remote is not None and self._segments_changed():
             self._refresh_segments()  # its answer object may already be folded into a segment
-        return found or self._lookup(key)
+            found = self._lookup(key)
+        return found
 
     def _segments_changed(self) -> bool:
         """Whether segments may have come or gone since we merged: locally the shard folder's
@@ -299,9 +316,8 @@ class ResultCache:
         self._insert(key, value)
         return value
 
-    def _publish(self, key: str, value: Mapping[str, Any]) -> None:
+    def _publish(self, key: str, data: bytes) -> None:
         """Write the answer object whole (a unique temporary name, then a rename; one PUT on S3)."""
-        data = canonical_json(dict(value)).encode("utf-8")
         if self._local_shard is None:
             atomic_write(self._answer_path(key), data)
             return
@@ -318,13 +334,18 @@ class ResultCache:
             os.close(fd)
         os.replace(tmp, os.path.join(folder, key + ".json"))
 
-    def _store(self, key: str, computed: Computed[T]) -> T:
-        """Keep a claimed computation's value, locally and as its answer object; its result."""
+    def _store(self, key: str, computed: Computed[T], lease: Lease | None = None) -> T:
+        """Keep a claimed computation's value, locally and as its answer object; its result.
+        Under ``lease`` on a local root, the lease file itself becomes the answer object."""
         result, value = computed
         if value is not None:
-            self.put(key, value)
+            text = canonical_json(dict(value))  # encoded once for the row and the answer object
+            self._put_json(key, text)
             if self.remote is not None and self.leases is not None:
-                self._publish(key, value)
+                data = text.encode("utf-8")
+                if not (lease is not None and self._local_shard is not None and self.leases.release_as(
+                        lease, data, os.path.join(self._local_shard, "answers", key + ".json"))):
+                    self._publish(key, data)
                 with self._lock:
                     self._published.add(key)
                     self.stats.published += 1

@@ -15,10 +15,10 @@ import asyncio
 import json
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from mmat_assets import protocol
 from mmat_assets.contracts import (Retriever, StepContext, StepSoFar, Teacher, TeacherError, TeacherReply,
@@ -27,6 +27,15 @@ from mmat_assets.engine.budget import BUDGET_REASON, Budget
 from mmat_assets.engine.cache import ResultCache, aclaim_or_wait
 from mmat_assets.engine.reflection import Declarations
 from mmat_assets.engine.tools import ToolCall, call_tool, search_cached, tool_prompt
+
+T = TypeVar("T")
+
+#: Bounds of a step. A server that constrains decoding to the schema (llama.cpp) cannot stop
+#: a reply inside a string, so without them a small model's thought runs into max_tokens and
+#: the reply is cut off unparseable; with them every reply it writes is a whole step.
+THOUGHT_MAX_CHARS = 200
+QUERY_MAX_CHARS = 120
+MAX_OPERATORS = 4
 
 STEP_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -42,13 +51,28 @@ STEP_SCHEMA: dict[str, Any] = {
     "additionalProperties": False,
 }
 
+
+def step_schema(tools: Mapping[str, Any]) -> dict[str, Any]:
+    """The schema a step request carries: :data:`STEP_SCHEMA` with its strings bounded and
+    each operator one of ``tools`` by name, optionally with its ``[object1|object2]``
+    arguments, so a constrained model can neither run on nor name a missing tool."""
+    names = "|".join(re.escape(n) for n in sorted(tools))
+    item = {"type": "string", "pattern": rf'^({names})(\[[^\]\["\\\x00-\x1f]{{1,80}}\])?$'} if tools else {"type": "string"}
+    base = STEP_SCHEMA["properties"]
+    props = {**base, "thought": {"type": "string", "minLength": 1, "maxLength": THOUGHT_MAX_CHARS},
+             "operators": {**base["operators"], "items": item, "maxItems": MAX_OPERATORS if tools else 0},
+             "rag": {**base["rag"], "properties": {
+                 "needed": {"type": "boolean"},
+                 "query": {"anyOf": [{"type": "string", "maxLength": QUERY_MAX_CHARS}, {"type": "null"}]}}}}
+    return {**STEP_SCHEMA, "properties": props}
+
 TEACHER_SYSTEM = """\
 You are a careful multimodal reasoner writing a step-by-step rationale for a question about
 an image. You are given the question and its correct answer: reason toward that answer
 from evidence, but never quote or reveal the given answer as a source. Each reply is ONE
 JSON object with keys: "thought" (one short reasoning step that uses the previous results),
-"operators" (a list, possibly empty, of tools to run now; for label_bbox write
-"label_bbox[object1|object2]"), "rag" ({{"needed": true|false, "query": text or null}}: a
+"operators" (a list, possibly empty, of tools to run now; a tool that takes object names
+is written "tool[object1|object2]"), "rag" ({{"needed": true|false, "query": text or null}}: a
 text web search, only when the tools are not enough), "next_action" ("continue" or
 "final_answer"). Tools you may call:
 {tools}
@@ -219,6 +243,7 @@ async def ask(env: Environment, request: TeacherRequest) -> tuple[TeacherReply, 
     # Claimed before it is sent: another process asking the same request waits for this answer.
     hit, sent = await aclaim_or_wait(env.request_cache, key, send)
     reply = TeacherReply(**hit) if hit is not None else sent
+    assert reply is not None  # aclaim_or_wait returns the stored answer or the one just sent
     record = {"teacher": env.teacher_name, "model": reply.model or model, "kind": request.kind,
               "prompt_version": request.prompt_version, "request_hash": key,
               "prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
@@ -242,7 +267,7 @@ async def run_sample(sample: Mapping[str, Any], env: Environment, tool_gate: asy
     messages = first_messages(sample, env)
     try:
         for _ in range(env.settings.max_steps):
-            request = TeacherRequest("step", list(messages), protocol.PROMPT_VERSION, STEP_SCHEMA,
+            request = TeacherRequest("step", list(messages), protocol.PROMPT_VERSION, step_schema(env.tools),
                                      {"temperature": 0}, step_context(sample, env, steps))
             reply, record = await ask(env, request)
             out.teacher_calls.append(record)
@@ -307,10 +332,28 @@ async def _search(query: str, env: Environment, out: Outcome) -> str:
     return text
 
 
+def shard_gate(env: Environment, rows: int) -> tuple[asyncio.Semaphore, Callable[[Awaitable[T]], Awaitable[T]]]:
+    """The row gate of a shard's loop, and a wrapper that counts a row's end. A batching
+    teacher (``Teacher.batched``) gets every row at once and hears how many still run
+    (``Teacher.rows_live``), so each turn leaves as one batch."""
+    teacher, left = env.teacher, rows
+    teacher.rows_live(left, env.request_cache)
+
+    async def counted(row: Awaitable[T]) -> T:
+        nonlocal left
+        try:
+            return await row
+        finally:
+            left -= 1
+            teacher.rows_live(left, env.request_cache)
+
+    return asyncio.Semaphore(max(rows, 1) if teacher.batched else env.settings.concurrency), counted
+
+
 async def run_shard(samples: list[Mapping[str, Any]], env: Environment,
                     progress: Callable[[int, int], None] | None = None) -> list[Outcome]:
     """Every sample of a shard, ``concurrency`` at a time; results in input order."""
-    gate = asyncio.Semaphore(env.settings.concurrency)
+    gate, counted = shard_gate(env, len(samples))
     tool_gate = asyncio.Semaphore(env.settings.tool_concurrency)
     done = 0
     started = time.perf_counter()
@@ -335,7 +378,7 @@ async def run_shard(samples: list[Mapping[str, Any]], env: Environment,
             progress(done, len(samples))
         return result
 
-    tasks = [asyncio.ensure_future(one(s)) for s in samples]
+    tasks = [asyncio.ensure_future(counted(one(s))) for s in samples]
     try:
         results = await asyncio.gather(*tasks)
     except TeacherRejected:

@@ -20,7 +20,7 @@ from mmat_assets import protocol, records
 from mmat_assets.contracts import Judge, TeacherError, Tool
 from mmat_assets.engine import reflection as refl
 from mmat_assets.engine.budget import row_status
-from mmat_assets.engine.rationale import Environment, Outcome, ask, run_shard
+from mmat_assets.engine.rationale import Environment, Outcome, ask, run_shard, shard_gate
 from mmat_assets.engine.tools import tool_prompt
 
 #: The RR system prompt (SPEC §2.3); ``{tools}`` lists the tools of the build, one per line.
@@ -153,7 +153,7 @@ def run_reflections(df: pl.DataFrame, env: Environment) -> pl.DataFrame:
 
 
 async def _reflect_all(rows: list[dict[str, Any]], env: Environment) -> list[dict[str, Any]]:
-    gate = asyncio.Semaphore(env.settings.concurrency)
+    gate, counted = shard_gate(env, len(rows))
 
     async def one(row: dict[str, Any]) -> dict[str, Any]:
         row = {k: row[k] for k in records.SAMPLE_SCHEMA}
@@ -162,7 +162,7 @@ async def _reflect_all(rows: list[dict[str, Any]], env: Environment) -> list[dic
         async with gate:
             return await _reflect_row(row, env)
 
-    return list(await asyncio.gather(*(one(r) for r in rows)))
+    return list(await asyncio.gather(*(counted(one(r)) for r in rows)))
 
 
 async def _reflect_row(row: dict[str, Any], env: Environment) -> dict[str, Any]:
@@ -285,7 +285,7 @@ def score_quality(df: pl.DataFrame, judge: Judge[Any], env: Environment, system:
 
 async def _score_all(rows: list[dict[str, Any]], judge: Judge[Any], env: Environment,
                      system: str) -> list[dict[str, Any]]:
-    gate = asyncio.Semaphore(env.settings.concurrency)
+    gate, counted = shard_gate(env, len(rows))
 
     async def one(row: dict[str, Any]) -> dict[str, Any]:
         if row["status"] != "ok" or not row["trajectory"]:
@@ -302,7 +302,7 @@ async def _score_all(rows: list[dict[str, Any]], judge: Judge[Any], env: Environ
                 row["quality"], row["quality_reasons"] = None, f"judge failed: {type(exc).__name__}: {exc}"
         return row
 
-    return list(await asyncio.gather(*(one(r) for r in rows)))
+    return list(await asyncio.gather(*(counted(one(r)) for r in rows)))
 
 
 async def _judged(judge: Judge[Any], env: Environment,
