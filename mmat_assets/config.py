@@ -140,8 +140,29 @@ class EvaluationConfig(_Model):
     limit: int | None = Field(default=None, description="Items per benchmark (None: all).")
     exclude_training_rows: bool = Field(default=True, description="Skip items whose id the training export holds.")
     max_steps: int = Field(default=6, description="Step cap of the RR agent loop.")
-    max_new_tokens: int = Field(default=64, description="Tokens per generation.")
+    max_new_tokens: int = Field(default=64, description="Tokens per generation where the model records no "
+                                "limits sized from its training data (see evaluate.generation_limits).")
+    batch_size: int = Field(default=8, ge=1, description="Problems whose generations are batched together.")
+    token_cap: int | None = Field(default=None, ge=1, description="Upper bound on every generation's tokens "
+                                  "(bounded runs; steps it cuts count as cut_steps). None: the limits from the data.")
     orr_tools: list[str] = Field(default_factory=lambda: ["ocr"], description="Tools run before an ORR generation.")
+
+
+class AblationConfig(_Model):
+    """The ablation matrix (the paper's Table 5): training variants of one set of
+    rationales, each trained with the same budget and scored on a held-out split."""
+
+    variants: list[str] = Field(default_factory=lambda: ["untuned", "rr", "orr", "rr_no_reflection", "rr_no_tools"],
+                                description="Variants: untuned, rr, orr, rr_no_reflection, rr_no_tools.")
+    seeds: list[int] = Field(default_factory=lambda: [42], description="Training seeds; each variant trains once per seed.")
+    benchmark: str = Field(description="Evaluation benchmark (under evaluation.benchmarks) whose items hold the "
+                           "held-out problems; its item ids are the sources' row ids.")
+    heldout: int = Field(default=250, ge=1, description="Held-out problems, chosen by a seeded split of item ids; "
+                         "rows of these problems are left out of every variant's training data.")
+    split_seed: int = Field(default=42, description="Seed of the held-out split.")
+    training: dict[str, Any] = Field(default_factory=dict, description="Trainer options for every variant, over "
+                                     "training.options (the budget: max_steps, learning_rate, ...).")
+    bootstrap: int = Field(default=2000, ge=100, description="Bootstrap resamples for the intervals.")
 
 
 class ProfileConfig(_Model):
@@ -151,6 +172,36 @@ class ProfileConfig(_Model):
     endpoint_url_env: str | None = Field(
         default=None,
         description="Name of the environment variable holding an S3-compatible endpoint URL.",
+    )
+
+
+class RunSize(_Model):
+    """The machine one run of a job gets on a cluster (ECS task size, Kubernetes resources)."""
+
+    cpu: int = Field(ge=256, le=196_608, description="CPU units, 1024 = one vCPU (ECS `cpu`; "
+                     "Kubernetes requests and limits in millicores).")
+    memory: int = Field(ge=512, le=1_048_576, description="Memory in MiB.")
+    gpus: int = Field(default=0, ge=0, le=16, description="GPUs; a run with any is placed on GPU "
+                      "nodes (Kubernetes: deployment.gpu_node_selector; ECS: a GPU resource requirement).")
+
+
+def _default_run_sizes() -> dict[str, RunSize]:
+    return {"foundation": RunSize(cpu=2048, memory=8192), "teacher": RunSize(cpu=4096, memory=16384),
+            "training": RunSize(cpu=8192, memory=32768, gpus=1)}
+
+
+class DeploymentConfig(_Model):
+    """How big a run of each job is when the instance launches it on ECS or Kubernetes."""
+
+    runs: dict[str, RunSize] = Field(
+        default_factory=_default_run_sizes,
+        description="Per job: foundation (foundation shards), teacher (rationale, reflection and "
+        "integration shards: teacher requests and their OCR and other tool calls), training (student "
+        "training); a job left out takes the run launcher's default size.",
+    )
+    gpu_node_selector: dict[str, str] = Field(
+        default_factory=lambda: {"nvidia.com/gpu.present": "true"},
+        description="Kubernetes node labels of the GPU nodes that runs with gpus > 0 go to.",
     )
 
 
@@ -178,6 +229,8 @@ class ProjectConfig(_Model):
         default_factory=lambda: {"local": ProfileConfig(root=".mmat")},
         description="Storage per profile (local, prod).",
     )
+    deployment: DeploymentConfig = Field(default_factory=DeploymentConfig)
+    ablation: AblationConfig | None = Field(default=None, description="The ablation matrix; none: no ablation assets.")
     base_dir: Path = Field(default=Path("."), exclude=True, description="Directory of the file.")
 
     def resolve(self, path: str | Path) -> Path:

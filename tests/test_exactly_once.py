@@ -29,9 +29,8 @@ from typing import Any
 
 import polars as pl
 import pytest
-import yaml
 
-from tests.conftest import TABMWP
+from tests.conftest import tabmwp_subset, write_project
 from tests.openai_fake_hooks import HookedFakeOpenAI
 
 N_PROBLEMS = 8
@@ -155,25 +154,16 @@ def finish(proc: subprocess.Popen[str]) -> tuple[int, dict[str, Any], str]:
 
 
 def write_config(dest: Path, base_url: str, n_problems: int = N_PROBLEMS) -> Path:
-    problems = dict(list(json.loads((TABMWP / "problems.json").read_text()).items())[:n_problems])
-    data = dest / "tabmwp"
-    (data / "tables").mkdir(parents=True)
-    (data / "problems.json").write_text(json.dumps(problems))
-    for pid in problems:
-        shutil.copy(TABMWP / "tables" / f"{pid}.png", data / "tables")
-    cfg = {
-        "sources": {"tabmwp": {"plugin": "tabmwp", "options": {"path": "tabmwp"}}},
-        "foundation": {"shards": SHARDS, "seed": 7},
-        "tools": {t: {"enabled": False} for t in ("label_bbox", "face_detection", "image_caption")},
-        "teachers": {"fake": {"plugin": "openai", "options": {
+    tabmwp_subset(dest / "tabmwp", n_problems)
+    return write_project(
+        dest, {"tabmwp": {"plugin": "tabmwp", "options": {"path": "tabmwp"}}}, shards=SHARDS,
+        tools={t: {"enabled": False} for t in ("label_bbox", "face_detection", "image_caption")},
+        teachers={"fake": {"plugin": "openai", "options": {
             "base_url": base_url, "model": "fake-teacher", "concurrency": 4, "timeout_s": 30, "max_retries": 0}}},
-        "stages": {"teacher": "fake", "concurrency": 4, "max_steps": 3, "lease_s": LEASE_S},
-        "profiles": {"local": {"root": "store"},
-                     "prod": {"root": f"s3://{BUCKET}/run", "endpoint_url_env": "MMAT_S3_ENDPOINT_URL"}},
-    }
-    path = dest / "mmat.yaml"
-    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
-    return path
+        stages={"teacher": "fake", "concurrency": 4, "max_steps": 3, "lease_s": LEASE_S},
+        # the prod profile (S3, for the moto builds) beside the local one
+        profiles={"local": {"root": "store"},
+                  "prod": {"root": f"s3://{BUCKET}/run", "endpoint_url_env": "MMAT_S3_ENDPOINT_URL"}})
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from mmat_assets.assets import export, foundation, stages, training
+from mmat_assets.assets import ablation, export, foundation, stages, training
 from mmat_assets.assets._shared import TeacherResource
 from mmat_assets.assets.retrievers import build_retriever_assets
 from mmat_assets.assets.tools import build_tool_assets
@@ -33,7 +33,7 @@ def build_definitions(cfg: ProjectConfig, profile: str = "local", registry: Regi
     assets, checks = foundation.build(cfg, registry)
     assets += build_tool_assets(cfg, registry, _teachers(cfg, registry))
     assets += build_retriever_assets(cfg, registry) + stages.build(cfg, registry)
-    assets += export.build(cfg, registry) + training.build(cfg, registry)
+    assets += export.build(cfg, registry) + training.build(cfg, registry) + ablation.build(cfg, registry)
     assets = chain_code_versions(assets)  # a tool or prompt change shows everything downstream stale
     prof = cfg.profiles.get(profile)
     if prof is None:
@@ -41,7 +41,10 @@ def build_definitions(cfg: ProjectConfig, profile: str = "local", registry: Regi
     endpoint = dg.EnvVar(prof.endpoint_url_env) if prof.endpoint_url_env and prof.endpoint_url_env in environ else None
     resources = profile_resources(cfg.profile_root(profile), endpoint)
     resources["teacher"] = teacher_resource(cfg, environ)
-    return dg.Definitions(assets=assets, asset_checks=checks, resources=resources)
+    from mmat_assets.deploy import deployment_jobs  # jobs that size their runs on a cluster
+
+    return dg.Definitions(assets=assets, asset_checks=checks, resources=resources,
+                          jobs=deployment_jobs(cfg.deployment, assets))
 
 
 def teacher_resource(cfg: ProjectConfig, environ: Mapping[str, str]) -> TeacherResource:
@@ -69,4 +72,10 @@ def _teachers(cfg: ProjectConfig, registry: Registry) -> dict[str, object]:
 
 
 def definitions_from_file(config_path: str | Path, profile: str = "local") -> dg.Definitions:
-    return build_definitions(load_config(config_path), profile)
+    """The code location's definitions; a deployment that cannot work (a variable unset, its
+    PostgreSQL or bucket missing) stops the load with one line (mmat_assets.deploy)."""
+    from mmat_assets.deploy import exit_if_misconfigured
+
+    cfg = load_config(config_path)
+    exit_if_misconfigured(cfg, profile, os.environ)
+    return build_definitions(cfg, profile)

@@ -21,6 +21,7 @@ from mmat_assets.assets._shared import TeacherResource, cache_metadata, shard_en
 from mmat_assets.assets.foundation import shards_backfill_policy, shards_partitions
 from mmat_assets.config import ProjectConfig
 from mmat_assets.contracts import Tool
+from mmat_assets.deploy import TEACHER_POOL
 from mmat_assets.engine import charts, reflection, stages
 from mmat_assets.engine.budget import spend_metadata
 from mmat_assets.engine.leases import atomic_writer
@@ -117,7 +118,7 @@ def rationale_assets(cfg: ProjectConfig, registry: Registry, versions: Mapping[s
     parts = shards_partitions(cfg)
 
     @dg.asset(partitions_def=parts, backfill_policy=shards_backfill_policy(cfg),
-              group_name="rationale", code_version=versions["rationales"],
+              group_name="rationale", code_version=versions["rationales"], pool=TEACHER_POOL,
               deps=stage_deps(cfg, registry), kinds={"polars"})
     def rationales(context: dg.AssetExecutionContext, foundation_samples: dict[str, pl.DataFrame],
                    storage: StorageResource, teacher: TeacherResource) -> dg.Output[Any]:
@@ -155,7 +156,7 @@ def reflection_assets(cfg: ProjectConfig, registry: Registry, versions: Mapping[
     parts = shards_partitions(cfg)
 
     @dg.asset(partitions_def=parts, backfill_policy=shards_backfill_policy(cfg),
-              group_name="reflection", code_version=versions["reflections"],
+              group_name="reflection", code_version=versions["reflections"], pool=TEACHER_POOL,
               kinds={"polars"})
     def reflections(context: dg.AssetExecutionContext, rationales: dict[str, pl.DataFrame],
                     storage: StorageResource, teacher: TeacherResource) -> dg.Output[Any]:
@@ -171,7 +172,7 @@ def reflection_assets(cfg: ProjectConfig, registry: Registry, versions: Mapping[
                 df = _stamped(context, shard, df, {"rationales": rationales[shard]})
                 return df, {"dagster/row_count": df.height, "passed": df.filter(pl.col("status") == "ok").height,
                             "reflected": df.filter(pl.col("reflected").fill_null(False)).height,
-                            "quality_mean": float(df["quality"].mean() or 0.0) if judge is not None else 0.0,
+                            "quality_mean": float(df.select(pl.col("quality").mean()).item() or 0.0) if judge is not None else 0.0,
                             "checks_fired": _md_counts(stages.check_counts(df), "check", "Reflection checks fired"),
                             "failures": _md_counts(stages.failures(df), "stage:reason", "Failures"),
                             **stages.teacher_totals(df), **cache_metadata(env),
