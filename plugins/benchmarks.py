@@ -84,8 +84,10 @@ class VLMEvalKitTSV(_FileBenchmark):
             for n, row in enumerate(csv.DictReader(f, delimiter="\t")):
                 choices = [row[c] for c in "ABCDEFGH" if row.get(c) not in (None, "", "nan")]
                 image = ImageInput(data=base64.b64decode(row["image"])) if row.get("image") else None
+                # its options are answered by letter: the prompt asks for one without reading the answer
                 yield BenchmarkItem(str(row.get("index", n)), row["question"], [row["answer"]], image, choices,
-                                    {"category": row.get("category", "")})
+                                    {"category": row.get("category", ""),
+                                     **({"answer_style": "letter"} if choices else {})})
 
     def score(self, prediction: str, item: BenchmarkItem) -> float:
         if item.choices:

@@ -19,10 +19,10 @@ from mmat_assets import __version__
 from mmat_assets.assets._shared import tool_keys
 from mmat_assets.assets.export import SAMPLE_IDS, configured_trainer
 from mmat_assets.config import ProjectConfig
-from mmat_assets.contracts import Trainer
+from mmat_assets.contracts import Component, Trainer
 from mmat_assets.engine import evaluate as ev
 from mmat_assets.engine.tools import available_tools
-from mmat_assets.plugins import Registry
+from mmat_assets.plugins import Registry, class_ref
 from mmat_assets.resources import StorageResource
 from mmat_assets.versions import TIMING_KEYS, doc_version, tree_version
 
@@ -71,14 +71,18 @@ def tuned_asset(cfg: ProjectConfig, registry: Registry) -> dg.AssetsDefinition:
         train_dir = _local(storage, "models", "train-data")
         train_dir.mkdir(parents=True, exist_ok=True)
         _link_train_file(Path(files[t.data]), train_dir / "train.jsonl")
-        options = {"student": student["path"], **t.options}
+        cls = registry.get("trainer", t.trainer).cls
+        options = training_options(cls, t.options, student["path"])
         out_dir = _local(storage, "models", "tuned")
         reported = run_training_pipes(context, t.trainer, options, str(train_dir), str(out_dir),
-                                      base_dir=cfg.base_dir).get_materialize_result()
+                                      base_dir=cfg.base_dir, trainer_class=class_ref(cls)).get_materialize_result()
         metrics = {k: getattr(v, "value", v) for k, v in (reported.metadata or {}).items()}
         meta = {"checkpoint": str(out_dir), **metrics, "model_dir": str(out_dir), "export": "/".join(export_key),
                 "export_data_version": export["data_version"], "data": t.data, "trainer": t.trainer,
-                "training_config": options, "code_version": __version__, "student": student["path"]}
+                "training_config": options, "code_version": __version__, "student": student["path"],
+                # the evaluation's per-turn token limits, from the lengths of the turns it was trained on
+                "generation_limits": ev.limits_of_export(
+                    files, configured_trainer(cfg, registry).token_counter(student["path"]))}
         if export.get("sample_ids") and Path(export["sample_ids"]).is_file():  # the samples it was trained on
             ids = out_dir / SAMPLE_IDS
             ids.write_bytes(Path(export["sample_ids"]).read_bytes())
@@ -93,6 +97,14 @@ def tuned_asset(cfg: ProjectConfig, registry: Registry) -> dg.AssetsDefinition:
     return tuned_model
 
 
+def training_options(cls: type[Component[Any]], options: dict[str, Any], student: str) -> dict[str, Any]:
+    """The configured options, with the base student in ``student`` for a trainer whose
+    options declare that field (see :class:`~mmat_assets.contracts.Trainer`)."""
+    if "student" in cls.Options.model_fields:
+        return {"student": student, **options}
+    return dict(options)
+
+
 def _link_train_file(src: Path, dst: Path) -> None:
     """The trainer reads ``train.jsonl`` beside the images its relative paths name: the
     export's ``images`` folder is linked in, not copied."""
@@ -105,6 +117,18 @@ def _link_train_file(src: Path, dst: Path) -> None:
     elif images.is_dir():
         shutil.rmtree(images)
     images.symlink_to((src.parent / "images").resolve(), target_is_directory=True)
+
+
+def _limits(cfg: ProjectConfig, registry: Registry, storage: StorageResource, student: dict[str, Any],
+            tuned: dict[str, Any] | None) -> ev.Limits:
+    """The tuned model's recorded generation limits; for the base student, the same limits
+    sized from the export (so both answer under one budget)."""
+    recorded = (tuned or {}).get("generation_limits")
+    if recorded is None:
+        manifest = _export_manifest(storage, cfg) or {}
+        recorded = ev.limits_of_export(manifest.get("files") or {},
+                                       configured_trainer(cfg, registry).token_counter(student["path"]))
+    return ev.Limits.of(recorded, cfg.evaluation.max_new_tokens, cfg.evaluation.token_cap)
 
 
 def _responder(trainer: Trainer, student: dict[str, Any], tuned: dict[str, Any] | None,
@@ -146,12 +170,15 @@ def eval_asset(cfg: ProjectConfig, registry: Registry, model: str, bench: str, m
             seen = _training_ids(_export_manifest(storage, cfg))
             items = [i for i in items if i.item_id not in seen]
         items = items[: e.limit] if e.limit else items
-        harness = ev.Harness(available_tools(registry, cfg), None, tuple(e.orr_tools), e.max_steps)
+        harness = ev.Harness(available_tools(registry, cfg), None, tuple(e.orr_tools), e.max_steps,
+                             limits=_limits(cfg, registry, storage, inputs["student"], inputs.get("tuned")),
+                             batch_size=e.batch_size)
         respond = _responder(configured_trainer(cfg, registry), inputs["student"], inputs.get("tuned"),
                              e.max_new_tokens)
         results = ev.evaluate(respond, benchmark, items, mode, harness, _local(storage, "eval", "images"),
                               lambda n: context.log.info(f"{model}/{bench}/{mode}: {n}/{len(items)}") if n % 5 == 0 else None)
-        summary = {"model": model, "benchmark": bench, "mode": mode, **ev.summary(results)}
+        summary = {"model": model, "benchmark": bench, "mode": mode, **ev.summary(results),
+                   "limits": harness.limits.__dict__}
         out = {**summary, "results": [r.__dict__ for r in results]}
         return dg.Output(out, data_version=dg.DataVersion(doc_version(out, TIMING_KEYS)), metadata={
             "score": summary["score"], "items": summary["items"], "latency_s": summary["latency_s"],

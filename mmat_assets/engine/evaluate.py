@@ -4,22 +4,33 @@
 - ``orr``: the tools run first, their outputs go into the prompt in ORR form, one
   generation, the answer parsed from ``<ANSWER>``.
 - ``rr``: the agent loop — the model writes THOUGHT/OPERATOR/RAG/SIGNAL, the harness runs
-  the real tools and the retriever and answers with the protocol's user turns, sends
-  "Please make a reflection." on ``reflection`` and the summary request on ``end`` (or at
-  the step cap); the reply to the summary is scored.
+  the real tools and the retriever and answers with the protocol's user turns: the results
+  and "Please continue your reasoning." on ``continue``, "Please make a reflection." on
+  ``reflection``. On ``end``, at the step cap, or after a step that does not parse or was
+  cut off at the step's token limit (each counted), it sends the summary request; only the
+  reply to the summary is scored.
+
+Generations are batched across problems: every dialogue of a batch that is still reasoning
+takes its next step in one call. The per-step token limit (``Limits.step_tokens``) comes
+from the training data's step lengths (p99, :func:`generation_limits`), recorded with the
+model.
 
 The model is any :data:`~mmat_assets.contracts.Responder`: ``(messages, image paths) -> text``,
-which the configured trainer provides for its base and tuned students.
+which the configured trainer provides for its base and tuned students. A responder with a
+``generate_batch(prompts, max_new_tokens) -> list[Reply]`` method (see :class:`BatchResponder`)
+is called once per batch with the limit of each kind of turn, and says which replies it cut
+off; a plain callable is called prompt by prompt and is never seen cutting a step.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from mmat_assets import protocol
 from mmat_assets.contracts import Benchmark, BenchmarkItem, Responder, Retriever, Tool
@@ -29,6 +40,44 @@ from mmat_assets.engine.tools import call_tool
 
 MODES = ("baseline", "orr", "rr")
 STYLE = "Answer the question using a single word or phrase."
+LETTER_STYLE = "Answer with the option's letter from the given choices directly."
+#: A chat and its image paths: one generation request.
+Prompt = tuple[list[dict[str, str]], list[str]]
+
+
+@dataclass
+class Reply:
+    """One generation: its text and whether it stopped at the token limit."""
+
+    text: str
+    truncated: bool = False
+
+
+@runtime_checkable
+class BatchResponder(Protocol):
+    """A responder that generates for many prompts at once, each up to ``max_new_tokens``."""
+
+    def generate_batch(self, prompts: Sequence[Prompt], max_new_tokens: int) -> list[Reply]: ...
+
+
+@dataclass
+class Limits:
+    """Tokens per generation, by kind of turn (sized from the training data)."""
+
+    step_tokens: int = 64  #: one RR step
+    answer_tokens: int = 64  #: the reply to the summary request, and the baseline answer
+    orr_tokens: int = 256  #: the ORR turn (all thoughts, then the answer)
+
+    @classmethod
+    def of(cls, recorded: Mapping[str, Any] | None, default: int, cap: int | None = None) -> Limits:
+        """From the limits recorded with a model (:func:`generation_limits`); ``default``
+        for any not recorded; none above ``cap`` (a bounded run: what it cuts is counted)."""
+        rec = {k: int(v) for k, v in (recorded or {}).items() if k.endswith("_tokens") and v}
+        out = cls(rec.get("step_tokens", default), rec.get("answer_tokens", default),
+                  rec.get("orr_tokens", max(default, 256)))
+        if cap is not None:
+            out = cls(min(out.step_tokens, cap), min(out.answer_tokens, cap), min(out.orr_tokens, cap))
+        return out
 
 
 @dataclass
@@ -39,6 +88,13 @@ class ItemResult:
     seconds: float
     steps: int = 1
     tool_calls: list[str] = field(default_factory=list)
+    #: RR steps that did not parse / that hit the step's token limit / reflections taken
+    bad_steps: int = 0
+    cut_steps: int = 0
+    reflections: int = 0
+    #: how the reasoning ended: end, step_cap, bad_step, cut_step (rr); answer otherwise
+    ended: str = "answer"
+    choice: bool = False  #: a multiple-choice item (for the breakdown by question type)
 
 
 @dataclass
@@ -50,68 +106,135 @@ class Harness:
     orr_tools: tuple[str, ...] = ("ocr",)
     max_steps: int = 6
     rag_k: int = 3
+    limits: Limits = field(default_factory=Limits)
+    batch_size: int = 8  #: problems whose generations go to the model together
 
 
 def _prompt(item: BenchmarkItem) -> str:
-    style = "Answer with the option's letter from the given choices directly." if item.choices and \
-        re.fullmatch(r"[A-H]", item.answers[0].strip()) else STYLE
-    return protocol.question_prompt(item.question, item.choices, style)
+    # The benchmark says whether its options are answered by letter; the answer itself is
+    # the scorer's alone.
+    letter = bool(item.choices) and item.meta.get("answer_style") == "letter"
+    return protocol.question_prompt(item.question, item.choices, LETTER_STYLE if letter else STYLE)
 
 
 def _with_images(text: str, images: list[str]) -> str:
     return IMAGE_TAG * len(images) + text
 
 
-def baseline(model: Responder, item: BenchmarkItem, images: list[str], h: Harness) -> tuple[str, int, list[str]]:
-    return model([{"role": "user", "content": _with_images(_prompt(item), images)}], images).strip(), 1, []
+def batch_generate(model: Responder, prompts: Sequence[Prompt], max_new_tokens: int) -> list[Reply]:
+    """Replies to ``prompts``, in one call where the model batches."""
+    if not prompts:
+        return []
+    if isinstance(model, BatchResponder):
+        return list(model.generate_batch(prompts, max_new_tokens))
+    return [Reply(model(msgs, images)) for msgs, images in prompts]
 
 
-def orr(model: Responder, item: BenchmarkItem, images: list[str], h: Harness) -> tuple[str, int, list[str]]:
-    outputs, used = [], []
-    for name in h.orr_tools:
-        if name in h.tools and images:
-            call = call_tool(h.tools[name], images[0], None, {}, None)
-            if call.error is None:
-                outputs.append(protocol.Result(name, call.text))
-                used.append(name)
-    one = protocol.OneTurn(_prompt(item), outputs, "", "", orr_system(h.tools))
-    msgs = protocol.render_orr(one)[:-1]  # system + user; the model writes the assistant turn
-    msgs[-1]["content"] = _with_images(msgs[-1]["content"], images)
-    text = model(msgs, images)
-    return (protocol.parse_orr_answer(text) or text).strip(), 1, used
+@dataclass
+class _Case:
+    """One item on its way through a mode."""
+
+    item: BenchmarkItem
+    images: list[str]
+    msgs: list[dict[str, str]] = field(default_factory=list)
+    used: list[str] = field(default_factory=list)
+    steps: int = 0
+    bad: int = 0
+    cut: int = 0
+    reflections: int = 0
+    ended: str = "answer"
+    reasoning: bool = True
+    prediction: str = ""
+    error: str | None = None
 
 
-def rr(model: Responder, item: BenchmarkItem, images: list[str], h: Harness) -> tuple[str, int, list[str]]:
-    prompt = _prompt(item)
-    msgs = [{"role": "system", "content": rr_system(h.tools)},
-            {"role": "user", "content": _with_images(f"{prompt} {protocol.START}", images)}]
-    used: list[str] = []
-    steps = 0
-    for steps in range(1, h.max_steps + 1):
-        text = model(msgs, images)
-        msgs.append({"role": "assistant", "content": text})
-        step = _lenient_step(text)
-        if step.signal == "end":
-            break
-        step.results = _act(step, images, h, used)
-        msgs.append({"role": "user", "content": protocol.render_feedback(step)})
-    msgs.append({"role": "user", "content": protocol.SUMMARY.format(prompt=prompt)})
-    return model(msgs, images).strip(), steps, used
+def _baseline(model: Responder, cases: list[_Case], h: Harness) -> None:
+    for c in cases:
+        c.msgs, c.steps = [{"role": "user", "content": _with_images(_prompt(c.item), c.images)}], 1
+    _answer(model, cases, h.limits.answer_tokens, lambda text: text)
 
 
-def _lenient_step(text: str) -> protocol.Step:
-    """What a model's turn asks for; malformed output counts as the end of reasoning."""
+def _orr(model: Responder, cases: list[_Case], h: Harness) -> None:
+    for c in cases:
+        outputs = []
+        for name in h.orr_tools:
+            if name in h.tools and c.images:
+                call = call_tool(h.tools[name], c.images[0], None, {}, None)
+                if call.error is None:
+                    outputs.append(protocol.Result(name, call.text))
+                    c.used.append(name)
+        one = protocol.OneTurn(_prompt(c.item), outputs, "", "", orr_system(h.tools))
+        c.msgs = protocol.render_orr(one)[:-1]  # system + user; the model writes the assistant turn
+        c.msgs[-1]["content"] = _with_images(c.msgs[-1]["content"], c.images)
+        c.steps = 1
+    _answer(model, cases, h.limits.orr_tokens, lambda text: protocol.parse_orr_answer(text) or text)
+
+
+def _rr(model: Responder, cases: list[_Case], h: Harness) -> None:
+    for c in cases:
+        prompt = _prompt(c.item)
+        c.msgs = [{"role": "system", "content": rr_system(h.tools)},
+                  {"role": "user", "content": _with_images(f"{protocol.neutralise(prompt)} {protocol.START}",
+                                                           c.images)}]
+    while active := [c for c in cases if c.reasoning and c.error is None]:
+        replies = _generate(model, active, h.limits.step_tokens)
+        for c, reply in zip(active, replies, strict=True):
+            if reply is not None:
+                _take_step(c, reply, h)
+    for c in cases:
+        c.msgs.append({"role": "user", "content": protocol.SUMMARY.format(prompt=protocol.neutralise(_prompt(c.item)))})
+    _answer(model, cases, h.limits.answer_tokens, lambda text: text)
+
+
+def _take_step(c: _Case, reply: Reply, h: Harness) -> None:
+    """Record one RR step and answer it, or end the reasoning (SPEC §3)."""
+    c.steps += 1
+    c.msgs.append({"role": "assistant", "content": reply.text})
+    if reply.truncated:
+        c.cut, c.reasoning, c.ended = c.cut + 1, False, "cut_step"
+        return
     try:
-        return protocol.parse_step(text)
+        step = protocol.parse_step(reply.text)
     except protocol.ProtocolError:
-        signal = re.search(r"<SIGNAL>\s*(continue|reflection|end)\s*</SIGNAL>", text)
-        ops = re.search(r"<OPERATOR>(.*?)</OPERATOR>", text, re.S)
-        rag = re.search(r"<RAG>(.*?)</RAG>", text, re.S)
-        if not signal:
-            return protocol.Step(text, [], None, "end")
-        names = [o.strip().split("[")[0] for o in (ops[1].split(",") if ops else []) if o.strip()]
-        return protocol.Step(text, [protocol.OperatorCall(n) for n in names], rag[1].strip() if rag else None,
-                             signal[1])
+        c.bad, c.reasoning, c.ended = c.bad + 1, False, "bad_step"
+        return
+    if step.signal == "end":
+        c.reasoning, c.ended = False, "end"
+        return
+    c.reflections += step.signal == "reflection"
+    try:
+        step.results = _act(step, c.images, h, c.used)
+    except Exception as exc:  # a tool that raises costs this item, not the evaluation
+        c.error = f"[error] {type(exc).__name__}: {exc}"
+        return
+    c.msgs.append({"role": "user", "content": protocol.render_feedback(step)})
+    if c.steps >= h.max_steps:
+        c.reasoning, c.ended = False, "step_cap"
+
+
+def _generate(model: Responder, cases: list[_Case], max_new_tokens: int) -> list[Reply | None]:
+    """One generation per case, batched; where the batch fails, case by case, and a case
+    whose own generation fails carries its error (None)."""
+    prompts = [(c.msgs, c.images) for c in cases]
+    try:
+        return list(batch_generate(model, prompts, max_new_tokens))
+    except Exception:
+        pass  # find the item that breaks it; the others still run
+    out: list[Reply | None] = []
+    for c, p in zip(cases, prompts, strict=True):
+        try:
+            out.append(batch_generate(model, [p], max_new_tokens)[0])
+        except Exception as exc:
+            c.error = f"[error] {type(exc).__name__}: {exc}"
+            out.append(None)
+    return out
+
+
+def _answer(model: Responder, cases: list[_Case], max_new_tokens: int, parse: Callable[[str], str]) -> None:
+    todo = [c for c in cases if c.error is None]
+    for c, reply in zip(todo, _generate(model, todo, max_new_tokens), strict=True):
+        if reply is not None:
+            c.prediction = parse(reply.text).strip()
 
 
 def _act(step: protocol.Step, images: list[str], h: Harness, used: list[str]) -> list[protocol.Result]:
@@ -133,7 +256,8 @@ def _act(step: protocol.Step, images: list[str], h: Harness, used: list[str]) ->
     return results
 
 
-RUNNERS = {"baseline": baseline, "orr": orr, "rr": rr}
+RUNNERS: dict[str, Callable[[Responder, list[_Case], Harness], None]] = {"baseline": _baseline, "orr": _orr,
+                                                                          "rr": _rr}
 
 
 def item_images(item: BenchmarkItem, workdir: Path) -> list[str]:
@@ -154,27 +278,100 @@ def item_images(item: BenchmarkItem, workdir: Path) -> list[str]:
 
 def evaluate(model: Responder, bench: Benchmark, items: Iterable[BenchmarkItem], mode: str, h: Harness,
              workdir: Path, progress: Callable[[int], None] | None = None) -> list[ItemResult]:
-    """Score every item in one mode; a failing item scores 0 with its error as prediction."""
-    out = []
-    for n, item in enumerate(items):
-        images = item_images(item, workdir)
-        start = time.perf_counter()
+    """Score every item in one mode, ``h.batch_size`` problems per batch of generations; a
+    failing item scores 0 with its error as prediction. An item's latency is its batch's
+    wall time shared among the batch's items."""
+    out: list[ItemResult] = []
+    pending = list(items)
+    for start in range(0, len(pending), max(1, h.batch_size)):
+        chunk = pending[start:start + max(1, h.batch_size)]
+        began = time.perf_counter()
+        cases = [_Case(item, item_images(item, workdir)) for item in chunk]
         try:
-            pred, steps, used = RUNNERS[mode](model, item, images, h)
-            score = bench.score(pred, item)
-        except Exception as exc:  # one broken item must not end the evaluation
-            pred, steps, used, score = f"[error] {type(exc).__name__}: {exc}", 0, [], 0.0
-        out.append(ItemResult(item.item_id, pred, score, time.perf_counter() - start, steps, used))
+            RUNNERS[mode](model, cases, h)
+        except Exception as exc:  # one broken batch must not end the evaluation
+            for c in cases:
+                c.error = c.error or f"[error] {type(exc).__name__}: {exc}"
+        share = (time.perf_counter() - began) / len(cases)
+        out += [_result(bench, c, share, mode) for c in cases]
         if progress is not None:
-            progress(n + 1)
+            progress(len(out))
     return out
+
+
+def _result(bench: Benchmark, c: _Case, seconds: float, mode: str) -> ItemResult:
+    try:
+        score = bench.score(c.prediction, c.item) if c.error is None else 0.0
+    except Exception as exc:  # a scorer that raises on one prediction scores it 0, named
+        c.error, score = f"[error] {type(exc).__name__}: {exc}", 0.0
+    return ItemResult(c.item.item_id, c.error or c.prediction, score, seconds, c.steps, list(c.used), c.bad, c.cut,
+                      c.reflections, c.ended if mode == "rr" else "answer", bool(c.item.choices))
 
 
 def summary(results: list[ItemResult]) -> dict[str, Any]:
     n = len(results)
-    return {"items": n, "score": round(100 * sum(r.score for r in results) / n, 2) if n else 0.0,
-            "latency_s": round(sum(r.seconds for r in results) / n, 4) if n else 0.0,
-            "mean_steps": round(sum(r.steps for r in results) / n, 2) if n else 0.0}
+
+    def mean(values: Iterable[float]) -> float:
+        return sum(values) / n if n else 0.0
+
+    return {"items": n, "score": round(100 * mean(r.score for r in results), 2),
+            "latency_s": round(mean(r.seconds for r in results), 4),
+            "mean_steps": round(mean(r.steps for r in results), 2),
+            "bad_steps": sum(r.bad_steps for r in results), "cut_steps": sum(r.cut_steps for r in results),
+            "reflections": sum(r.reflections for r in results),
+            "errors": sum(r.prediction.startswith("[error]") for r in results)}
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q`` quantile (0-1) of ``values`` by the nearest-rank method (0 for none)."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return float(ordered[max(0, math.ceil(q * len(ordered)) - 1)])
+
+
+def generation_limits(rr: Iterable[Sequence[Mapping[str, Any]]], orr: Iterable[Sequence[Mapping[str, Any]]],
+                      count_tokens: Callable[[str], int], q: float = 0.99) -> dict[str, Any]:
+    """Token limits per kind of turn from training dialogues (their messages): the ``q``
+    quantile of the RR steps' lengths (every assistant turn but the answer), of the RR
+    answers' and of the ORR turns', so a step as long as the data teaches is not cut."""
+    steps, answers, orr_turns = [], [], []
+    for msgs in rr:
+        said = [str(m["content"]) for m in msgs if m.get("role") == "assistant"]
+        steps += [count_tokens(t) for t in said[:-1]]
+        answers += [count_tokens(t) for t in said[-1:]]
+    for msgs in orr:
+        orr_turns += [count_tokens(str(m["content"])) for m in msgs if m.get("role") == "assistant"]
+    # the end-of-turn token comes on top of the text
+    return {"step_tokens": int(percentile(steps, q)) + 1 if steps else 0,
+            "answer_tokens": int(percentile(answers, q)) + 1 if answers else 0,
+            "orr_tokens": int(percentile(orr_turns, q)) + 1 if orr_turns else 0, "quantile": q,
+            "rr_turns": len(steps), "orr_turns": len(orr_turns)}
+
+
+_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
+
+
+def export_dialogues(path: Path | str) -> list[list[dict[str, str]]]:
+    """The dialogues of an export file as role/content messages: ``messages`` lines
+    (ms-swift, InternVL-style) or ``conversations`` lines with ``from``/``value`` (ShareGPT)."""
+    import json
+
+    out = []
+    p = Path(path)
+    for line in p.read_text(encoding="utf-8").splitlines() if p.is_file() else []:
+        row = json.loads(line)
+        turns = row.get("messages") or row.get("conversations") or []
+        out.append([{"role": _ROLES.get(str(t.get("role", t.get("from"))), "user"),
+                     "content": str(t.get("content", t.get("value", "")))} for t in turns])
+    return out
+
+
+def limits_of_export(files: Mapping[str, str], count_tokens: Callable[[str], int] | None) -> dict[str, Any]:
+    """:func:`generation_limits` of an export's RR and ORR files (``files``: format -> path);
+    without a token counter, about four characters a token."""
+    count = count_tokens or (lambda text: math.ceil(len(text) / 4))
+    return generation_limits(export_dialogues(files.get("rr", "")), export_dialogues(files.get("orr", "")), count)
 
 
 def report_markdown(rows: list[dict[str, Any]]) -> str:

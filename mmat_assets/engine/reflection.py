@@ -12,9 +12,17 @@ Deterministic checks, on every dialogue:
   fields a source declares as ground truth (``Source.ground_truth_meta``) must have come
   back from a tool.
 
+- ``math_gap`` — a numeric answer that no thought computes: where the row's gold rationale
+  has the lines that compute it, they are the fix (no judge needed). The fixed dialogue is
+  checked again, so a derivation that uses a number no tool returned keeps the row out: a
+  reflection never "corrects" a reading the student had no way to see. A teacher that
+  leaves a derivation out on purpose says so with a grounding note ending in ``:gap``
+  (:data:`GAP_NOTE`); the finding records it (``planted``), and such a row that cannot be
+  repaired is kept out.
+
 The teacher's ``math_gap`` and ``cheating`` judges run only where needed: ``math_gap`` when
-a numeric answer is never computed in the thoughts, ``cheating`` when a claim is
-unsupported or a tool failed. A fix goes in exactly as SPEC §2.4 says: the old final
+a numeric answer is never computed in the thoughts and the gold rationale cannot fill the
+gap, ``cheating`` when a claim is unsupported or a tool failed. A fix goes in exactly as SPEC §2.4 says: the old final
 step continues, a self-doubt turn signals ``reflection``, the corrected thought ends.
 """
 
@@ -34,6 +42,8 @@ from mmat_assets.engine.answers import NUMBER_IN_TEXT as _NUMBER_IN_TEXT
 from mmat_assets.engine.answers import contains_answer, numbers_in, plain_fractions, to_number
 
 JUDGE_VERSION = "judge-1"
+#: The end of a grounding note that says the teacher left the derivation out on purpose.
+GAP_NOTE = ":gap"
 
 SELF_DOUBT = {
     "math": ("Wait, I think my reasoning above needs more math. Let me work on it.",
@@ -66,8 +76,11 @@ answer)? Reply with one JSON object: {{}} if the reasoning is sound, otherwise
 Dialogue:
 {dialogue}"""
 
-JUDGE_SCHEMA = {"type": "object", "properties": {"reason": {"type": "string"},
-                                                 "thought": {"type": ["string", "null"]}}}
+#: Bounded for the same reason as the step schema (see rationale.THOUGHT_MAX_CHARS).
+JUDGE_SCHEMA = {"type": "object", "properties": {"reason": {"type": "string", "maxLength": 200},
+                                                 "thought": {"anyOf": [{"type": "string", "maxLength": 200},
+                                                                       {"type": "null"}]}},
+                "additionalProperties": False}
 
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
 _DIGITS = r"(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"
@@ -122,6 +135,8 @@ class Finding:
     check: str
     detail: str
     fix: str | None = None
+    #: the defect was made on purpose by the teacher (its grounding note says so)
+    planted: bool = False
 
 
 @dataclass
@@ -312,6 +327,35 @@ def parse_judge(content: str) -> dict[str, Any]:
     return data if isinstance(data, dict) else {"reason": "judge reply is not an object"}
 
 
+def gold_derivation(rationale: str | None, answer: str) -> str | None:
+    """The lines of a gold rationale that compute ``answer`` (a continuation line ``= ...``
+    joined to the line it continues), each ending a sentence; None when it has none."""
+    gold = to_number(answer)
+    if not rationale or gold is None:
+        return None
+    lines: list[str] = []
+    for ln in (x.strip() for x in rationale.splitlines()):
+        if ln and lines and ln[0] in "=→":
+            lines[-1] = f"{lines[-1]} {ln}"
+        elif ln:
+            lines.append(ln)
+    target = round(abs(gold), 4)
+    found = [ln for ln in lines if any(v == target for _, v in _derivations(plain_fractions(ln)))]
+    return " ".join(ln if ln[-1] in ".!?" else f"{ln}." for ln in found) or None
+
+
+def check_math_gap(t: protocol.Trajectory, sample: Mapping[str, Any]) -> Finding | None:
+    """A numeric answer no thought computes, filled from the gold rationale where it can be
+    (``fix`` None: only a judge can fill it)."""
+    if not needs_math_gap(t, sample.get("answer_type")):
+        return None
+    planted = str(sample.get("grounding") or "").endswith(GAP_NOTE)
+    fix = gold_derivation(sample.get("rationale"), t.answer)
+    detail = f"the answer {t.answer} is stated but no thought computes it" + \
+        ("; the gold rationale's derivation fills the gap" if fix else "")
+    return Finding("math_gap", detail, fix, planted)
+
+
 def needs_math_gap(t: protocol.Trajectory, answer_type: str | None) -> bool:
     """A numeric answer that no thought computes (no ``= answer``) may hide a skipped step."""
     gold = to_number(t.answer)
@@ -341,7 +385,10 @@ def deterministic(t: protocol.Trajectory, sample: Mapping[str, Any], tool_errors
     if conclusion:
         findings.append(conclusion)
     llm = []
-    if needs_math_gap(t, sample.get("answer_type")):
+    gap = check_math_gap(t, sample)
+    if gap is not None and gap.fix:
+        findings.append(gap)
+    elif gap is not None:
         llm.append("math_gap")
     if any(f.check == "unsupported_claim" for f in findings) or tool_errors:
         llm.append("cheating")
@@ -401,8 +448,28 @@ async def reflect(sample: Mapping[str, Any], t: protocol.Trajectory, tool_errors
         corrected = " ".join(fixes) + f" So the answer is {t.answer}."
         verdict.trajectory = insert_reflection(t, pick_phrase(kind, str(sample["sample_id"])), corrected)
         verdict.reflected = True
+        unseen = _new_claims(verdict.trajectory, sample, findings, declared)
+        if unseen:
+            return _fail(verdict, "unsupported_claim", "the fix: " + "; ".join(f.detail for f in unseen)[:500])
+    if not verdict.reflected and any(f.planted for f in findings):
+        return _fail(verdict, "unrepaired_gap", "a derivation left out on purpose was not filled")
+    if not verdict.reflected and str(sample.get("grounding") or "").endswith(GAP_NOTE):
+        verdict.findings.append(Finding("math_gap", "the derivation left out on purpose was not found missing",
+                                        planted=True))
+        return _fail(verdict, "unrepaired_gap", "a derivation left out on purpose was not filled")
     verdict.checks = sorted(set(verdict.checks))
     return verdict
+
+
+def _new_claims(fixed: protocol.Trajectory, sample: Mapping[str, Any], before: list[Finding],
+                declared: Declarations) -> list[Finding]:
+    """Unsupported claims or wrong arithmetic the fix brought in (a gold derivation may use a
+    value the tools never returned: such a row stays out)."""
+    known = {f.detail for f in before}
+    fields = declared.ground_truth.get(str(sample.get("source")), ())
+    after = check_arithmetic(fixed) + check_claims(fixed, sample["question"], list(sample.get("choices") or []),
+                                                   image_numbers(sample, fields), declared.claims)
+    return [f for f in after if f.detail not in known]
 
 
 def _fail(verdict: Verdict, reason: str, detail: str) -> Verdict:
