@@ -261,6 +261,7 @@ class StepContext(TypedDict):
     tools: list[str]  #: names of the tools the teacher may call, sorted
     retrieval: bool  #: whether a search (``rag``) is available
     steps: list[StepSoFar]  #: the steps taken so far, oldest first
+    max_steps: int  #: the most steps the row may take, tool steps included (``stages.max_steps``)
 
 
 class JudgeContext(TypedDict):

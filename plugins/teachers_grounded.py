@@ -158,8 +158,10 @@ class GroundedTeacher(Teacher):
             return self._step(f"{observed}So the answer is {ctx['answer']}.".strip(), final=True, grounding="minimal")
         gapped = self._gapped(ctx, rationale)
         grounding = GAP_NOTE if gapped else "gold"
-        pieces = _chunks(gapped or rationale, _parts(gapped or rationale))
         opened_with_tools = bool(done) and bool(done[0]["operators"] or done[0]["rag"])
+        # the reasoning must end within the row's step limit, after the opening tool step
+        room = ctx.get("max_steps", MAX_PARTS + 1) - (1 if opened_with_tools else 0)
+        pieces = _chunks(gapped or rationale, max(1, min(room, _parts(gapped or rationale))))
         index = len(done) - (1 if opened_with_tools else 0)  # reasoning steps written so far
         thought = pieces[min(index, len(pieces) - 1)]
         if index == 0:

@@ -205,7 +205,7 @@ def step_context(sample: Mapping[str, Any], env: Environment, steps: list[protoc
         answer=sample["answer"], answer_type=sample["answer_type"], rationale=sample.get("rationale"),
         meta=json.loads(meta) if isinstance(meta, str) else meta,
         tools=sorted(env.tools), retrieval=env.retriever is not None,
-        steps=[_step_so_far(s) for s in steps],
+        steps=[_step_so_far(s) for s in steps], max_steps=env.settings.max_steps,
     )
 
 
