@@ -275,6 +275,14 @@ class JudgeContext(TypedDict):
 RequestContext = StepContext | JudgeContext | dict[str, Any]
 
 
+def _asked(context: Any) -> Any:
+    """The context as far as it shapes what a request asks: the row's step limit does not (the
+    messages never mention it), so changing ``stages.max_steps`` re-sends no answered step."""
+    if isinstance(context, dict) and "max_steps" in context:
+        return {k: v for k, v in context.items() if k != "max_steps"}
+    return context
+
+
 def _by_content(part: Any) -> Any:
     if isinstance(part, dict) and part.get("type") == "image" and part.get("sha256"):
         return {k: v for k, v in part.items() if k != "path"}
@@ -317,7 +325,7 @@ class TeacherRequest:
                     else m for m in self.messages]
         body = {"model": model, "kind": self.kind, "messages": messages,
                 "prompt_version": self.prompt_version, "json_schema": self.json_schema,
-                "params": self.params, "context": self.context}
+                "params": self.params, "context": _asked(self.context)}
         text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
         return hashlib.sha256(text.encode()).hexdigest()
 

@@ -35,6 +35,10 @@ def test_a_typed_step_context_keeps_the_request_fingerprint(tmp_path: Path) -> N
     request = TeacherRequest("step", [{"role": "user", "content": "x"}], protocol.PROMPT_VERSION, STEP_SCHEMA,
                              {"temperature": 0}, ctx)
     assert request.fingerprint("m") == STEP_FINGERPRINT
+    # the step limit is for the teacher's planning, not part of what is asked: no re-send
+    other_limit = TeacherRequest("step", request.messages, protocol.PROMPT_VERSION, STEP_SCHEMA,
+                                 {"temperature": 0}, {**ctx, "max_steps": ctx["max_steps"] + 3})
+    assert other_limit.fingerprint("m") == STEP_FINGERPRINT
     assert request.step_context()["steps"][0]["results"] == [{"tool": "ocr", "text": "a | 12\nb | 5"}]
     with pytest.raises(TypeError):
         TeacherRequest("judge", [], "v").step_context()
