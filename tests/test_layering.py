@@ -139,3 +139,20 @@ def test_a_private_sibling_module_in_plugins_is_refused(tmp_path: Path) -> None:
         "from ._student import IGNORE\n", encoding="utf-8")
     assert plugin_violations(tmp_path) == ["plugins/trainers_x.py:2: mmat_plugins._student",
                                            "plugins/trainers_x.py:3: mmat_plugins._student.IGNORE"]
+
+
+def toolkit_names(path: Path) -> Iterator[tuple[int, str]]:
+    """``(line, name)`` for every name a file imports from the toolkit or one of its modules."""
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("mmat_assets.toolkit"):
+            yield from ((node.lineno, alias.name) for alias in node.names)
+
+
+def test_plugins_use_only_the_names_the_toolkit_declares() -> None:
+    """The toolkit's promise is its ``__all__``: a name a built-in plugin needs is declared there
+    (and documented), so a third party may rely on it as well."""
+    import mmat_assets.toolkit as toolkit
+
+    undeclared = [f"{path.name}:{line} {name}" for path in sorted((ROOT / "plugins").glob("*.py"))
+                  for line, name in toolkit_names(path) if name not in toolkit.__all__]
+    assert not undeclared, undeclared
