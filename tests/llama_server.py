@@ -13,37 +13,27 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import subprocess
 import sys
-import tempfile
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from types import TracebackType
 
+from tests.served_process import ServedProcess
 from tests.smollm2_server import SmolLM2Unavailable, free_port, gguf_path
 
 MODEL_ALIAS = "smollm2-135m-instruct"
 
 
-class LlamaServer:
+class LlamaServer(ServedProcess):
     """``llama_cpp.server`` on the SmolLM2 GGUF; started by :meth:`start`, killed by :meth:`stop`."""
+
+    label = "llama_cpp.server"
+    poll_s = 0.3
 
     def __init__(self, model: Path | None = None, n_ctx: int = 4096, threads: int = 2,
                  start_timeout_s: float = 120) -> None:
+        super().__init__(start_timeout_s)
         self.model_path = model
-        self.n_ctx, self.threads, self.start_timeout_s = n_ctx, threads, start_timeout_s
-        self.port = 0
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._log: tempfile._TemporaryFileWrapper[bytes] | None = None
-        #: seconds from launch to the first answer, for reporting
-        self.startup_s = 0.0
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
+        self.n_ctx, self.threads = n_ctx, threads
 
     @property
     def model(self) -> str:
@@ -52,65 +42,11 @@ class LlamaServer:
     def start(self) -> LlamaServer:
         path = self.model_path or gguf_path()
         self.port = free_port()
-        self._log = tempfile.NamedTemporaryFile(prefix="llama-server-", suffix=".log")
         cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(path), "--model_alias", MODEL_ALIAS,
                "--host", "127.0.0.1", "--port", str(self.port), "--n_ctx", str(self.n_ctx),
                "--n_threads", str(self.threads), "--n_threads_batch", str(self.threads), "--verbose", "False"]
-        began = time.perf_counter()
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "HF_HUB_OFFLINE": "1"}, preexec_fn=_die_with_parent)
-        self._wait_ready()
-        self.startup_s = time.perf_counter() - began
+        self.launch(cmd, {**os.environ, "HF_HUB_OFFLINE": "1"}, "llama-server-", preexec_fn=_die_with_parent)
         return self
-
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + self.start_timeout_s
-        while time.monotonic() < deadline:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                self._fail(f"server exited with rc={self.proc.returncode}")
-            if self._answers():
-                return
-            time.sleep(0.3)
-        self._fail(f"server did not answer within {self.start_timeout_s:.0f}s")
-
-    def _answers(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"{self.base_url}/models", timeout=2) as resp:
-                return bool(resp.status == 200)
-        except (urllib.error.URLError, OSError):
-            return False
-
-    def log_tail(self, lines: int = 40) -> str:
-        if self._log is None:
-            return ""
-        text = Path(self._log.name).read_text(encoding="utf-8", errors="replace")
-        return "\n".join(text.splitlines()[-lines:])
-
-    def _fail(self, why: str) -> None:
-        tail = self.log_tail()
-        self.stop()
-        raise RuntimeError(f"llama_cpp.server failed to start: {why}\n--- server log ---\n{tail}")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=15)
-        self.proc = None
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-
-    def __enter__(self) -> LlamaServer:
-        return self.start()
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()
 
 
 def _die_with_parent() -> None:

@@ -27,11 +27,10 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
-from types import TracebackType
 from typing import Any
+
+from tests.served_process import ServedProcess, tail_lines
 
 CACHE_ENV = "MMAT_SMOLLM2_HF"
 #: Written last by a conversion, so a half-written folder is never mistaken for a cache hit.
@@ -115,8 +114,7 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _tail(text: str, lines: int = 40) -> str:
-    return "\n".join(text.splitlines()[-lines:])
+_tail = tail_lines
 
 
 def _serve_command() -> list[str]:
@@ -129,22 +127,17 @@ def _serve_command() -> list[str]:
     return [found, "serve"]
 
 
-class SmolLM2Server:
+class SmolLM2Server(ServedProcess):
     """``transformers serve`` on a converted SmolLM2 folder, on a free loopback port."""
 
-    def __init__(self, folder: Path | None = None, start_timeout_s: float = 180) -> None:
-        self.folder = folder
-        self.start_timeout_s = start_timeout_s
-        self.port = 0
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._log: tempfile._TemporaryFileWrapper[bytes] | None = None
-        #: Seconds spent converting (0 on a cache hit) and starting, for reporting.
-        self.convert_s = 0.0
-        self.startup_s = 0.0
+    label = "transformers serve"
+    health_path = "/health"
 
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
+    def __init__(self, folder: Path | None = None, start_timeout_s: float = 180) -> None:
+        super().__init__(start_timeout_s)
+        self.folder = folder
+        #: seconds spent converting (0 on a cache hit), for reporting
+        self.convert_s = 0.0
 
     @property
     def model(self) -> str:
@@ -156,63 +149,10 @@ class SmolLM2Server:
         self.folder = convert(self.folder)
         self.convert_s = time.perf_counter() - began
         self.port = free_port()
-        self._log = tempfile.NamedTemporaryFile(prefix="smollm2-serve-", suffix=".log")
         cmd = [*_serve_command(), str(self.folder), "--host", "127.0.0.1", "--port",
                str(self.port), "--device", "cpu", "--dtype", "float32", "--log-level", "info"]
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-        began = time.perf_counter()
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
-        self._wait_ready()
-        self.startup_s = time.perf_counter() - began
+        self.launch(cmd, {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}, "smollm2-serve-")
         return self
-
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + self.start_timeout_s
-        while time.monotonic() < deadline:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                self._fail(f"server exited with rc={self.proc.returncode}")
-            if self._answers():
-                return
-            time.sleep(0.5)
-        self._fail(f"server did not answer within {self.start_timeout_s:.0f}s")
-
-    def _answers(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as resp:
-                return bool(resp.status == 200)
-        except (urllib.error.URLError, OSError):
-            return False
-
-    def log_tail(self, lines: int = 40) -> str:
-        if self._log is None:
-            return ""
-        return _tail(Path(self._log.name).read_text(encoding="utf-8", errors="replace"), lines)
-
-    def _fail(self, why: str) -> None:
-        tail = self.log_tail()
-        self.stop()
-        raise RuntimeError(f"transformers serve failed to start: {why}\n--- server log ---\n{tail}")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=15)
-        self.proc = None
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-
-    def __enter__(self) -> SmolLM2Server:
-        return self.start()
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()
 
 
 def _main(argv: list[str]) -> int:
