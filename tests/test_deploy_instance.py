@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -37,6 +36,7 @@ import yaml
 
 from tests.openai_fake_hooks import HookedFakeOpenAI, _hooked_handler
 from tests.pg_instance import REPO, Daemon, Postgres, pg_tool, write_home
+from tests.test_exactly_once import finish as finish_build
 from tests.test_exactly_once import BUCKET, reply, s3_env, without_cached_flags, write_config
 
 __all__ = ["s3_env"]  # the moto S3 fixture, shared with the exactly-once tests
@@ -177,16 +177,7 @@ def mmat(args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
 
 
 def finish(proc: subprocess.Popen[str], timeout: float = STEP_TIMEOUT_S) -> tuple[int, dict[str, Any], str]:
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-    try:
-        summary = json.loads(out)
-    except ValueError:
-        summary = {}
-    return proc.returncode, summary, (out + err)[-4000:]
+    return finish_build(proc, timeout)
 
 
 def wait_for(what: str, ready: Any, timeout: float, tail: Any = lambda: "") -> None:

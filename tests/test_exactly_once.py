@@ -139,9 +139,10 @@ class Project:
                                 start_new_session=True)  # its own process group: a kill takes its workers too
 
 
-def finish(proc: subprocess.Popen[str]) -> tuple[int, dict[str, Any], str]:
+def finish(proc: subprocess.Popen[str], timeout: float = BUILD_TIMEOUT_S) -> tuple[int, dict[str, Any], str]:
+    """Wait for a build (killing its process group past ``timeout``): rc, --json summary, output tail."""
     try:
-        out, err = proc.communicate(timeout=BUILD_TIMEOUT_S)
+        out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)  # and its workers, which hold the pipes too
