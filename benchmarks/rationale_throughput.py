@@ -11,8 +11,9 @@ request cache included, no tools run).
     python benchmarks/rationale_throughput.py [--rows 1024] [--latency-ms 200] [--concurrency 64]
 
 ``--teacher-only`` measures the teacher alone: N requests through ``acomplete`` at
-concurrency C, no engine and no cache; it prints CPU per request and the ratio to the
-ideal ``C / latency`` requests/s (targets: at most 1.3 ms, at least 0.88).
+concurrency C, no engine and no cache, in ``--rounds`` alternating with the same requests
+posted by a bare SDK client (the floor); it prints CPU per request of each and the ratio
+to the ideal ``C / latency`` requests/s (targets: at most 1.3 ms, at least 0.88).
 
 ``--compare-leases`` measures the cost of claiming every request with a lease (and
 publishing each answer for other processes) against the same request cache without
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", type=Path, help="write cProfile stats here and print the top entries")
     parser.add_argument("--compare-leases", action="store_true",
                         help="compare the request cache with leases on and off (local storage root)")
-    parser.add_argument("--rounds", type=int, default=3, help="runs of each mode with --compare-leases (default 3)")
+    parser.add_argument("--rounds", type=int, default=3, help="runs of each mode with --compare-leases or --teacher-only (default 3)")
     parser.add_argument("--teacher-only", action="store_true",
                         help="time the teacher's acomplete alone (CPU per request, ratio to ideal)")
     args = parser.parse_args(argv)
@@ -179,8 +180,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def teacher_only(args: argparse.Namespace, latency: float) -> int:
-    """``--rows`` x 2 requests straight through the teacher, C at a time."""
+    """``--rows`` x 2 requests straight through the teacher, C at a time, against the same
+    requests posted by a bare SDK client (the floor: what the SDK alone costs), in
+    alternating rounds of the same run."""
     import asyncio
+
+    import httpx2
+    import openai
 
     from mmat_assets.contracts import TeacherRequest
     from mmat_assets.engine.rationale import STEP_SCHEMA
@@ -189,30 +195,61 @@ def teacher_only(args: argparse.Namespace, latency: float) -> int:
     server, parent, base_url = start_server(args, latency)
     n = args.rows * CALLS_PER_SAMPLE
     teacher = OpenAITeacher({"base_url": base_url, "model": "bench", "concurrency": args.concurrency,
-                             "timeout_s": 60, "max_retries": 0})
+                             "timeout_s": 60, "max_retries": 0, "api_key": "sk-bench"})
 
     def request(i: int) -> TeacherRequest:
         return TeacherRequest("step", [{"role": "system", "content": "Reply in JSON."},
                                        {"role": "user", "content": f"What is a + b? (#{i})"}], "bench", STEP_SCHEMA)
 
-    async def run() -> tuple[float, float, int]:
-        await asyncio.gather(*(teacher.acomplete(request(-i - 1)) for i in range(WARM_UP_ROWS)))
-        cpu0, wall0 = time.process_time(), time.perf_counter()
-        replies = await asyncio.gather(*(teacher.acomplete(request(i)) for i in range(n)), return_exceptions=True)
-        return time.perf_counter() - wall0, time.process_time() - cpu0, sum(not isinstance(r, Exception) for r in replies)
+    async def run() -> dict[str, list[tuple[float, float, int]]]:
+        sdk = openai.AsyncOpenAI(base_url=base_url, api_key="sk-bench", max_retries=0, timeout=60,
+                                 http_client=openai.DefaultAioHttpClient(
+                                     limits=httpx2.Limits(max_connections=args.concurrency)))
+        gate = asyncio.Semaphore(args.concurrency)
+        fmt = {"type": "json_schema", "json_schema": {"name": "step", "schema": STEP_SCHEMA, "strict": False}}
+
+        async def bare(i: int) -> str:
+            body = {"model": "bench", "messages": request(i).messages, "temperature": 0.0, "response_format": fmt}
+            async with gate:
+                resp = await sdk.post("/chat/completions", body=body, cast_to=httpx2.Response)
+            return str(resp.json()["choices"][0]["message"]["content"])
+
+        async def engine(i: int) -> Any:
+            return await teacher.acomplete(request(i))
+
+        modes = {"sdk alone": bare, "teacher": engine}
+        for call in modes.values():  # warm-up: connections, imports
+            await asyncio.gather(*(call(-j - 1) for j in range(WARM_UP_ROWS)))
+        seen: dict[str, list[tuple[float, float, int]]] = {name: [] for name in modes}
+        for _ in range(args.rounds):
+            for name, call in modes.items():
+                cpu0, wall0 = time.process_time(), time.perf_counter()
+                replies = await asyncio.gather(*(call(j) for j in range(n)), return_exceptions=True)
+                seen[name].append((time.perf_counter() - wall0, time.process_time() - cpu0,
+                                   sum(not isinstance(r, Exception) for r in replies)))
+        await sdk.close()
+        return seen
 
     try:
-        wall, cpu, ok = asyncio.run(run())
+        seen = asyncio.run(run())
         parent.send("done")
     finally:
         server.join(timeout=10)
         if server.is_alive():
             server.terminate()
     ideal = args.concurrency / latency
-    print(f"teacher only: {n} requests ({ok} ok), latency {args.latency_ms:.0f} ms, concurrency {args.concurrency}")
-    print(f"wall: {wall:.2f} s, achieved: {n / wall:.1f} requests/s, ideal: {ideal:.1f}, "
-          f"ratio: {n / wall / ideal:.2f} (target >= 0.88); CPU: {1000 * cpu / n:.2f} ms/request (target <= 1.3)")
-    return 0 if ok == n else 1
+    print(f"teacher only: {n} requests a round, {args.rounds} rounds, latency {args.latency_ms:.0f} ms, "
+          f"concurrency {args.concurrency}; best round of each (the machine is shared)")
+    best = {}
+    for name, rounds in seen.items():
+        wall, cpu, ok = min(rounds, key=lambda r: r[1])
+        best[name] = cpu
+        print(f"{name:>10}: {1000 * cpu / n:.2f} ms CPU/request (rounds: "
+              f"{', '.join(f'{1000 * r[1] / n:.2f}' for r in rounds)}), {n / wall:.1f} requests/s, "
+              f"ratio to ideal {n / wall / ideal:.2f} (target >= 0.88), {ok} ok")
+    print(f"teacher CPU: {1000 * best['teacher'] / n:.2f} ms/request (target <= 1.3), "
+          f"{1000 * (best['teacher'] - best['sdk alone']) / n:.2f} ms above the SDK alone")
+    return 0 if all(r[2] == n for rounds in seen.values() for r in rounds) else 1
 
 
 def start_server(args: argparse.Namespace, latency: float) -> tuple[Any, Any, str]:

@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 import multiprocessing
 import re
 import threading
+import time
 import warnings
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -151,8 +152,9 @@ def run_width(graph: Any, sl: Slice) -> int:
 
 
 class BuildProgress:
-    """A live progress view of a build (runs done, current slice, rows, failures, and the
-    teacher's dollars with dollars per accepted sample once there are any)."""
+    """A live progress view of a build (runs done, current slice, rows, failures, the
+    teacher's dollars with dollars per accepted sample once there are any, and its Batch API
+    batches while there are some)."""
 
     def __init__(self, console: Console, enabled: bool = True, spend_every_s: float = 3.0) -> None:
         self.enabled = enabled
@@ -165,6 +167,9 @@ class BuildProgress:
         self.spend_every_s = spend_every_s
         self._spend: Callable[[], float] | None = None
         self._usd_before = 0.0
+        self._batches: Callable[[], str] | None = None
+        #: the teacher's batches as the view shows them ("" while there are none)
+        self.batches = ""
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
         self._progress = Progress(
@@ -199,6 +204,11 @@ class BuildProgress:
             self._poller = threading.Thread(target=self._poll_spend, name="mmat-spend", daemon=True)
             self._poller.start()
 
+    def watch_batches(self, read: Callable[[], str]) -> None:
+        """Also show what ``read`` says of the teacher's batches (one line of text), re-read
+        with the dollars; needs :meth:`watch_spend`'s poller."""
+        self._batches = read
+
     def spend(self) -> dict[str, float]:
         """The build's dollars for its summary (none without a spend to watch)."""
         if self._spend is None:
@@ -218,6 +228,8 @@ class BuildProgress:
             return
         try:
             self.usd = max(self._spend() - self._usd_before, 0.0)
+            if self._batches is not None:
+                self.batches = self._batches()
         except Exception:  # a storage hiccup: the view keeps the last figure, the build goes on
             pass
 
@@ -228,7 +240,7 @@ class BuildProgress:
         return f"${self.usd:.4f}{per}"
 
     def _usd_field(self) -> str:
-        text = self._usd_text()
+        text = "  ".join(t for t in (self._usd_text(), self.batches) if t)
         return f"  {text}" if text else ""
 
     def set_total(self, total: int) -> None:
@@ -241,7 +253,7 @@ class BuildProgress:
         self.accepted += accepted
         if self.enabled:
             self._refresh_usd()
-        usd = self._usd_text()
+        usd = ", ".join(t for t in (self._usd_text(), self.batches) if t)
         self._progress.update(self._task, advance=1, description=label, rows=self.rows, failures=self.failures,
                               usd=self._usd_field())
         console = self._progress.console
@@ -251,19 +263,35 @@ class BuildProgress:
                           f"failures {self.failures}, {usd + ', ' if usd else ''}{task.elapsed or 0:.0f} s")
 
 
-def spend_reader(defs: dg.Definitions) -> Callable[[], float] | None:
-    """How to read the dollars the project's teacher request caches recorded, from outside the
-    runs (the storage root's ``cache/teacher``); None without a storage resource."""
-    from mmat_assets.engine.budget import spend_under
-
+def _teacher_caches(defs: dg.Definitions) -> Any:
+    """The storage root's ``cache/teacher`` folder, as a run resolves it (its settings may
+    come from the environment); None without a storage resource or when it cannot be
+    resolved here (the view then goes without; the runs report their own errors)."""
     storage: Any = (defs.resources or {}).get("storage")  # a StorageResource, or a test's stand-in
     if storage is None or not hasattr(storage, "path"):
         return None
-    try:  # its settings may come from the environment (dg.EnvVar): resolve them as a run does
-        folder = storage.process_config_and_initialize().path("cache", "teacher")
-    except Exception:  # the view goes without dollars; the runs report their own errors
+    try:
+        return storage.process_config_and_initialize().path("cache", "teacher")
+    except Exception:
         return None
-    return lambda: spend_under(folder)
+
+
+def spend_reader(defs: dg.Definitions) -> Callable[[], float] | None:
+    """How to read the dollars the project's teacher request caches recorded, from outside the
+    runs; None without a storage resource."""
+    from mmat_assets.engine.budget import spend_under
+
+    folder = _teacher_caches(defs)
+    return None if folder is None else (lambda: spend_under(folder))
+
+
+def batch_reader(defs: dg.Definitions, since: float) -> Callable[[], str] | None:
+    """How to read the teacher's Batch API batches that shards noted since ``since``, as one
+    line; None without a storage resource."""
+    from mmat_assets.toolkit.batch import batch_progress_under
+
+    folder = _teacher_caches(defs)
+    return None if folder is None else (lambda: batch_progress_under(folder, since).text())
 
 
 def _materializations(events: Sequence[Any]) -> list[Any]:
@@ -534,7 +562,9 @@ class PreparedBuild:
         pool = worker_pool(workers, *self.source) if workers > 1 and self.source else None
         build = _Build(self.defs, self.graph, self.instance, progress, pool, workers)
         progress.start(sum(run_count(self.graph, s) for s in self.slices))
-        reader = spend_reader(self.defs)
+        reader, batches = spend_reader(self.defs), batch_reader(self.defs, time.time())
+        if batches is not None:
+            progress.watch_batches(batches)
         if reader is not None:
             progress.watch_spend(reader)
         try:

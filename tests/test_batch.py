@@ -31,7 +31,7 @@ from mmat_assets.engine import stages
 from mmat_assets.engine.cache import ResultCache
 from mmat_assets.engine.rationale import Environment, StageSettings, TeacherRejected
 from mmat_assets.contracts import TeacherError
-from mmat_assets.toolkit.batch import BatchCollector, BatchLimits, split_lines
+from mmat_assets.toolkit.batch import BatchCollector, BatchLimits, batch_progress_under, split_lines
 from mmat_plugins.judges_teacher import TeacherJudge
 from mmat_plugins.teachers_openai import OpenAITeacher
 from tests.batch_fake import FakeBatchAPI
@@ -147,6 +147,45 @@ def test_each_turn_is_one_batch_and_output_matches_online(rows: pl.DataFrame, on
     # a rerun on the same cache submits nothing: every answer is in the request cache
     again = rationales(rows, teacher(server.base_url), tmp_path / "batch")
     assert len(server.batch_sizes) == 2 and comparable(again).equals(comparable(batch))
+
+
+def test_batch_status_reaches_the_progress_view_while_batches_run(rows: pl.DataFrame, server: FakeBatchAPI,
+                                                                 tmp_path: Path) -> None:
+    """The shard notes its batches beside its cache; the build's view reads them from outside."""
+    import io
+    import threading
+
+    from rich.console import Console
+
+    from mmat_assets.runner import BuildProgress
+
+    root, started = UPath(tmp_path / "store"), time.time()
+    folder = root / "teacher"
+    server.hold = True
+    done: list[pl.DataFrame] = []
+    worker_thread = threading.Thread(target=lambda: done.append(rationales(rows, teacher(server.base_url),
+                                                                           tmp_path / "cache", root)))
+    worker_thread.start()
+    try:
+        deadline = time.monotonic() + WORKER_TIMEOUT_S
+        while not batch_progress_under(folder, started).statuses and time.monotonic() < deadline:
+            time.sleep(0.02)
+        seen = batch_progress_under(folder, started)
+        assert seen.statuses == {"in_progress": 1} and (seen.done, seen.total) == (0, ROWS)
+        out = io.StringIO()
+        view = BuildProgress(Console(file=out, force_terminal=False, width=200))
+        view.watch_batches(lambda: batch_progress_under(folder, started).text())
+        view.watch_spend(lambda: 0.0)
+        with view:
+            view.start(1)
+            view.step("rationales [0]", ROWS, False)
+        assert f"batches: 1 in_progress (0/{ROWS} requests in the open ones)" in out.getvalue()
+    finally:
+        server.hold = False
+        worker_thread.join(WORKER_TIMEOUT_S)
+    assert done and done[0].filter(pl.col("status") == "ok").height == ROWS
+    assert batch_progress_under(folder, started).text() == "batches: 2 completed"
+    assert batch_progress_under(folder, time.time() + 1).text() == ""  # a later build counts its own
 
 
 def test_a_turn_over_the_request_limit_is_split(rows: pl.DataFrame, server: FakeBatchAPI, tmp_path: Path) -> None:

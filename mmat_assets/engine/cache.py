@@ -209,6 +209,13 @@ class ResultCache:
             self._unflushed += len(values)
             self.flush()
 
+    def note_status(self, name: str, value: Mapping[str, Any]) -> None:
+        """Keep ``value`` as this shard's latest ``<name>.status.json`` beside its segments,
+        for readers outside the run (a build's progress view); overwritten each time, never
+        merged, and nothing without a storage root."""
+        if self.remote is not None:
+            atomic_write(self.remote / f"{name}.status.json", canonical_json(dict(value)).encode())
+
     def __len__(self) -> int:
         with self._lock:
             return int(self._db.execute("SELECT COUNT(*) FROM entries").fetchone()[0])

@@ -16,6 +16,11 @@ created, ``batch:file:<file>`` -> batch id. A rerun asked the same request finds
 and polls that batch instead of submitting again; a batch whose creation was never recorded
 is looked up among the provider's batches by its input file before one is created. Records
 are never rewritten, so segments merged in any order agree.
+
+Progress. Each status poll that finds a change also hands the shard's batches (status and
+request counts) to the store's ``note_status`` where it has one: the request cache writes
+them next to its segments (:data:`STATUS_FILE`), where a build's progress view reads every
+shard's with :func:`batch_progress_under`, from outside the runs.
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ log = logging.getLogger(__name__)
 TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
 #: Item status codes worth another submission (the provider's transient failures).
 TRANSIENT = frozenset({408, 409, 429, 500, 502, 503, 504})
+#: The name under which a shard's batch statuses are noted (the cache's ``<name>.status.json``).
+STATUS_FILE = "batches"
 
 
 class BatchStore(Protocol):
@@ -45,6 +52,9 @@ class BatchStore(Protocol):
     def get(self, key: str) -> dict[str, Any] | None: ...
 
     def put_many(self, values: Mapping[str, Mapping[str, Any]]) -> None: ...
+
+    # Optional: ``note_status(name, value)`` keeps the latest ``value`` under ``name`` for
+    # readers outside the run (the request cache writes ``<name>.status.json``).
 
 
 class BatchTransport(Protocol):
@@ -152,6 +162,8 @@ class BatchCollector:
         self.store: BatchStore | None = None
         self.live: int | None = None
         self.stats = BatchStats()
+        #: batch id -> {"seen": its status and request counts at the last change, "updated": when}
+        self.progress: dict[str, dict[str, Any]] = {}
         self._pending: dict[str, _Item] = {}
         self._flying: dict[str, _Item] = {}
         self._timer: asyncio.TimerHandle | None = None
@@ -299,15 +311,31 @@ class BatchCollector:
         while True:
             info = await self.transport.retrieve(batch_id)
             status = str(info.get("status"))
+            counts = info.get("request_counts") or {}
             if self.stats.status.get(batch_id) != status:
-                counts = info.get("request_counts") or {}
                 log.info("batch %s: %s (%s/%s done, %.0fs)", batch_id, status, counts.get("completed", "?"),
                          counts.get("total", "?"), time.monotonic() - started)
                 self.stats.status[batch_id] = status
+            await self._note(batch_id, status, counts)
             if status in TERMINAL:
                 return info
             await asyncio.sleep(delay)
             delay = min(delay * 1.5, self.limits.poll_max_s)
+
+    async def _note(self, batch_id: str, status: str, counts: Mapping[str, Any]) -> None:
+        """Hand the shard's batches to the store's ``note_status`` when one of them changed."""
+        seen = {"status": status, **{k: _int(counts.get(k)) for k in ("total", "completed", "failed")}}
+        if self.progress.get(batch_id, {}).get("seen") == seen:
+            return
+        self.progress[batch_id] = {"seen": seen, "updated": time.time()}
+        note = getattr(self.store, "note_status", None)
+        if note is None:
+            return
+        snapshot = {b: {**p["seen"], "updated": p["updated"]} for b, p in self.progress.items()}
+        try:
+            await asyncio.to_thread(note, STATUS_FILE, {"batches": snapshot})
+        except Exception as exc:  # progress is for people: a storage hiccup must not fail the shard
+            log.warning("could not note the batch status: %s", exc)
 
     async def _results(self, info: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
         """custom_id -> its output or error line, from both files of a finished batch."""
@@ -366,5 +394,59 @@ def _batch_failure(info: Mapping[str, Any]) -> str:
     return f"batch_{status}" + (f": {why}" if why else "")
 
 
-__all__ = ["BatchCollector", "BatchLimits", "BatchStats", "BatchStore", "BatchTransport", "ItemResult",
-           "file_key", "item_key", "request_line", "split_lines"]
+def _int(value: Any) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return 0
+
+
+@dataclass
+class BatchProgress:
+    """The batches of a build's shards, as the progress view shows them."""
+
+    #: status -> batches, over batches updated since the build started
+    statuses: dict[str, int] = field(default_factory=dict)
+    #: requests done (completed + failed) and in all, over the batches not yet finished
+    done: int = 0
+    total: int = 0
+
+    def text(self) -> str:
+        """``batches: 2 in_progress, 1 completed (1,200/5,000 requests in the open ones)``."""
+        if not self.statuses:
+            return ""
+        parts = ", ".join(f"{n} {s}" for s, n in sorted(self.statuses.items()))
+        open_ = f" ({self.done:,}/{self.total:,} requests in the open ones)" if self.total else ""
+        return f"batches: {parts}{open_}"
+
+
+def batch_progress_under(folder: Any, since: float = 0.0) -> BatchProgress:
+    """Every shard's noted batch statuses under a request cache namespace's folder (a path
+    or UPath: ``<root>/cache/teacher``), counting batches updated at or after ``since``."""
+    out = BatchProgress()
+    if hasattr(folder, "fs") and hasattr(folder.fs, "invalidate_cache"):
+        folder.fs.invalidate_cache(folder.path)  # other machines write meanwhile
+    try:
+        shards = sorted(p for p in folder.iterdir() if p.is_dir())
+    except (FileNotFoundError, NotADirectoryError):
+        return out
+    for shard in shards:
+        try:
+            noted = json.loads((shard / f"{STATUS_FILE}.status.json").read_text(encoding="utf-8"))
+            batches = noted["batches"].values()
+        except (FileNotFoundError, ValueError, KeyError, AttributeError, TypeError):
+            continue
+        for b in batches:
+            if not isinstance(b, dict) or float(b.get("updated") or 0) < since:
+                continue
+            status = str(b.get("status"))
+            out.statuses[status] = out.statuses.get(status, 0) + 1
+            if status not in TERMINAL:
+                out.done += _int(b.get("completed")) + _int(b.get("failed"))
+                out.total += _int(b.get("total"))
+    return out
+
+
+__all__ = ["STATUS_FILE", "BatchCollector", "BatchLimits", "BatchProgress", "BatchStats", "BatchStore",
+           "BatchTransport", "ItemResult", "batch_progress_under", "file_key", "item_key", "request_line",
+           "split_lines"]
