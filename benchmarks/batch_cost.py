@@ -32,16 +32,15 @@ from mmat_assets.engine.rationale import Environment, StageSettings  # noqa: E40
 from mmat_plugins.teachers_openai import OpenAITeacher  # noqa: E402
 from tests.batch_fake import FakeBatchAPI  # noqa: E402
 from tests.openai_fake import FakeOpenAI  # noqa: E402
-from tests.stage_fakes import samples  # noqa: E402
+from tests.stage_fakes import samples, step  # noqa: E402
 
 TURNS = 2
 
 
 def reply(body: dict[str, Any]) -> str:
+    """First turn: a step that continues without tools; second: the final step."""
     final = any(m["role"] == "assistant" for m in body["messages"])
-    return json.dumps({"thought": "12 + 5 = 17. So the answer is 17." if final else "Reading the question.",
-                       "operators": [], "rag": {"needed": False, "query": None},
-                       "next_action": "final_answer" if final else "continue"})
+    return json.dumps(step("12 + 5 = 17. So the answer is 17." if final else "Reading the question.", final=final))
 
 
 def run(rows: pl.DataFrame, base_url: str, mode: str, max_requests: int, work: Path) -> tuple[pl.DataFrame, float]:

@@ -18,11 +18,12 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from mmat_assets.contracts import BadRow, ImageInput, Source, SourceRow
+from mmat_assets.contracts import BadRow, ImageInput, SourceRow
 from mmat_assets.hookspecs import Register, hookimpl
 from mmat_assets.toolkit.jsonl import guarded_rows, raw_excerpt
+from mmat_assets.toolkit.sources import PathSource, PathSourceOptions
 
 COLUMNS = ("images", "texts")
 #: Rows per Parquet batch: shards run to 500 MB of image bytes, so read a slice at a time.
@@ -31,8 +32,7 @@ BATCH_ROWS = 64
 SPLIT_DIRS = {"train", "test", "validation", "val"}
 
 
-class CauldronOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class CauldronOptions(PathSourceOptions):
     path: str = Field(description="A Parquet shard, or a directory searched recursively for *.parquet.")
     subset: str | None = Field(
         default=None,
@@ -48,7 +48,7 @@ class CauldronOptions(BaseModel):
     )
 
 
-class CauldronSource(Source[CauldronOptions]):
+class CauldronSource(PathSource[CauldronOptions]):
     """The Cauldron's Parquet shards: one row per user/assistant turn, images as bytes."""
 
     name = "cauldron"
@@ -57,10 +57,6 @@ class CauldronSource(Source[CauldronOptions]):
     license = "CC-BY-4.0"
     description = "The Cauldron Parquet shards (images + user/assistant texts), per-subset licences."
     Options = CauldronOptions
-
-    @property
-    def root(self) -> Path:
-        return self.resolve_path(self.options.path)
 
     def shards(self) -> list[Path]:
         """The Parquet files to read, in a stable order; a missing path raises."""

@@ -11,12 +11,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from mmat_assets.contracts import BadRow, ImageInput, Source, SourceRow
+from mmat_assets.contracts import BadRow, ImageInput, SourceRow
 from mmat_assets.hookspecs import Register, hookimpl
 from mmat_assets.toolkit.jsonl import excerpt_of, iter_json_members
-from mmat_assets.toolkit.sources import guarded_records
+from mmat_assets.toolkit.sources import PathSource, PathSourceOptions, guarded_records
 
 ANSWER_TYPES = {
     "integer_number": "number",
@@ -27,16 +27,14 @@ ANSWER_TYPES = {
 }
 
 
-class TabMWPOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class TabMWPOptions(PathSourceOptions):
     path: str = Field(description="Directory holding problems.json and tables/.")
     problems_file: str = Field(default="problems.json", description="Problems JSON, relative to path.")
     tables_dir: str = Field(default="tables", description="Table images directory, relative to path.")
     split: str | None = Field(default=None, description="Keep only problems of this split.")
-    license: str = Field(default="CC BY-NC-SA 4.0", description="Licence carried by every row.")
 
 
-class TabMWPSource(Source[TabMWPOptions]):
+class TabMWPSource(PathSource[TabMWPOptions]):
     """TabMWP problems with their rendered table images and gold solutions."""
 
     name = "tabmwp"
@@ -46,10 +44,6 @@ class TabMWPSource(Source[TabMWPOptions]):
     description = "TabMWP math word problems over table images (problems.json + tables/)."
     ground_truth_meta = ("table",)  # the table's text is what the image shows
     Options = TabMWPOptions
-
-    @property
-    def root(self) -> Path:
-        return self.resolve_path(self.options.path)
 
     def image_root(self) -> Path:
         return self.root / self.options.tables_dir

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mmat_assets.contracts import StepContext, StepSoFar, Teacher, TeacherError, TeacherReply, TeacherRequest
 from mmat_assets.hookspecs import Register, hookimpl
-from mmat_assets.toolkit.answers import numbers_in, plain_fractions, to_number
+from mmat_assets.toolkit.answers import numbers_in, plain_fractions, rationale_lines, to_number
 
 TEXT_SUBSETS = re.compile(r"tab|chart|doc|text|infographic|infovqa|ocr|dvqa|st.?vqa|plot|figure|table|wiki|screen|receipt", re.I)
 TEXT_WORDS = re.compile(r"\b(table|chart|graph|text|written|say|says|read|label|sign|number|title|price|cost)\b", re.I)
@@ -63,17 +63,6 @@ def _compact(text: str, limit: int = MAX_QUOTE) -> str:
     return flat if len(flat) <= limit else flat[: limit - 1].rsplit(" ", 1)[0] + " …"
 
 
-def _lines(rationale: str) -> list[str]:
-    """The rationale's lines, a continuation line (``= ...``) joined to the one it continues."""
-    out: list[str] = []
-    for ln in (x.strip() for x in rationale.splitlines()):
-        if ln and out and ln[0] in "=→":
-            out[-1] = f"{out[-1]} {ln}"
-        elif ln:
-            out.append(ln)
-    return out
-
-
 def _computes(line: str, gold: float) -> bool:
     """Whether a rationale line computes the value ``gold``: it comes right after ``=`` or ``→``."""
     return any(round(abs(float(m[1].replace(",", ""))), 4) == round(abs(gold), 4)
@@ -86,7 +75,7 @@ def without_derivation(rationale: str, answer: str) -> str | None:
     gold = to_number(answer)
     if gold is None or "/" in answer:  # a fraction is written, not computed, as a value
         return None
-    lines = _lines(rationale)
+    lines = rationale_lines(rationale)
     kept = [ln for ln in lines if not _computes(ln, gold)]
     if len(kept) == len(lines) or not kept:
         return None

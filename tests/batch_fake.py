@@ -16,11 +16,11 @@ from __future__ import annotations
 import email.parser
 import email.policy
 import json
-import threading
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from http.server import ThreadingHTTPServer
+from typing import Any, ClassVar
 
 from tests.openai_fake import FakeOpenAI, _error, _handler, _Server
 
@@ -43,15 +43,10 @@ class FakeBatchAPI(FakeOpenAI):
     files: dict[str, bytes] = field(default_factory=dict, init=False)
     batches: dict[str, dict[str, Any]] = field(default_factory=dict, init=False)
 
-    def start(self) -> FakeBatchAPI:
-        self._server = _Server(("127.0.0.1", 0), _batch_handler(self))
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True,
-                                        name="fake-batch")
-        self._thread.start()
-        return self
+    thread_name: ClassVar[str] = "fake-batch"
 
-    def __enter__(self) -> FakeBatchAPI:
-        return self.start()
+    def _make_server(self) -> ThreadingHTTPServer:
+        return _Server(("127.0.0.1", 0), _batch_handler(self))
 
     # ------------------------------------------------------------------ files
 

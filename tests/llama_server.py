@@ -11,14 +11,13 @@ allows, so even a 135M model writes replies that parse. Usage from a test::
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 from tests.served_process import ServedProcess
-from tests.smollm2_server import SmolLM2Unavailable, free_port, gguf_path
+from tests.smollm2_server import free_port, gguf_path, serve_or_skip
 
 MODEL_ALIAS = "smollm2-135m-instruct"
 
@@ -60,15 +59,5 @@ def _die_with_parent() -> None:
 
 
 def server_or_skip() -> Iterator[LlamaServer]:
-    """A running server for a pytest fixture; the test is skipped when the parts are missing."""
-    import pytest
-
-    for module in ("llama_cpp", "uvicorn", "sse_starlette", "starlette_context"):
-        if importlib.util.find_spec(module) is None:
-            pytest.skip(f"{module} is not installed (pip install 'llama-cpp-python[server]')")
-    try:
-        gguf_path()
-    except SmolLM2Unavailable as exc:
-        pytest.skip(str(exc))
-    with LlamaServer() as server:
-        yield server
+    return serve_or_skip(LlamaServer, ("llama_cpp", "uvicorn", "sse_starlette", "starlette_context"),
+                         "pip install 'llama-cpp-python[server]'")

@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
-from typing import Any
+from typing import Any, ClassVar, Self
 
 #: Fault names understood by the server; ``None`` or ``"ok"`` means answer normally.
 FAULTS = ("rate_limit", "server_error", "slow", "malformed", "refusal", "content_filter",
@@ -156,13 +156,19 @@ class FakeOpenAI:
         assert self._server is not None, "server not started"
         return f"http://127.0.0.1:{self._server.server_address[1]}/v1"
 
-    def start(self) -> FakeOpenAI:
-        self._server = _Server(("127.0.0.1", 0), _handler(self))
-        self._server.daemon_threads = True
+    #: name of the thread that serves; a subclass names its own
+    thread_name: ClassVar[str] = "fake-openai"
+
+    def start(self) -> Self:
+        self._server = self._make_server()
         self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True,
-                                        name="fake-openai")
+                                        name=self.thread_name)
         self._thread.start()
         return self
+
+    def _make_server(self) -> ThreadingHTTPServer:
+        """The listening server: a subclass with a handler or backlog of its own overrides this."""
+        return _Server(("127.0.0.1", 0), _handler(self))
 
     def stop(self) -> None:
         self._stopping.set()  # wakes handlers sleeping in a slow fault
@@ -172,7 +178,7 @@ class FakeOpenAI:
         if self._thread is not None:
             self._thread.join(timeout=5)
 
-    def __enter__(self) -> FakeOpenAI:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,

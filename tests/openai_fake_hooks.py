@@ -21,7 +21,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import ThreadingHTTPServer
-from typing import Any
+from typing import Any, ClassVar
 
 from tests.openai_fake import FakeOpenAI, _handler
 
@@ -42,17 +42,12 @@ class HookedFakeOpenAI(FakeOpenAI):
         # fault_for and _leave run on the handler thread of one request, in that order.
         self._current = threading.local()
 
-    def start(self) -> HookedFakeOpenAI:
+    thread_name: ClassVar[str] = "fake-openai-hooked"
+
+    def _make_server(self) -> ThreadingHTTPServer:
         server = type("Server", (ThreadingHTTPServer,), {"request_queue_size": self.backlog,
                                                           "daemon_threads": True})
-        self._server = server(("127.0.0.1", 0), _hooked_handler(self))
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True,
-                                        name="fake-openai-hooked")
-        self._thread.start()
-        return self
-
-    def __enter__(self) -> HookedFakeOpenAI:
-        return self.start()
+        return server(("127.0.0.1", 0), _hooked_handler(self))
 
     def fault_for(self, index: int, repeat: int, digest: str, body: dict[str, Any]) -> str | None:
         self._current.digest = digest

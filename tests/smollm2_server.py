@@ -20,17 +20,17 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from collections.abc import Iterator
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from tests.served_process import ServedProcess, tail_lines
+from tests.served_process import S, ServedProcess, tail_lines
 
 CACHE_ENV = "MMAT_SMOLLM2_HF"
 #: Written last by a conversion, so a half-written folder is never mistaken for a cache hit.
@@ -155,6 +155,26 @@ class SmolLM2Server(ServedProcess):
         return self
 
 
+def serve_or_skip(make: Callable[[], S], modules: Iterable[str], install_hint: str) -> Iterator[S]:
+    """A running server for a pytest fixture; the test is skipped when the parts are missing:
+    one of ``modules`` (``install_hint`` says how to get it) or the SmolLM2 GGUF."""
+    import pytest
+
+    for module in modules:
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"{module} is not installed ({install_hint})")
+    try:
+        gguf_path()
+    except SmolLM2Unavailable as exc:
+        pytest.skip(str(exc))
+    with make() as server:
+        yield server
+
+
+def server_or_skip() -> Iterator[SmolLM2Server]:
+    return serve_or_skip(SmolLM2Server, ("gguf", "fastapi", "uvicorn"), "see requirements/teachers.txt")
+
+
 def _main(argv: list[str]) -> int:
     if argv[:1] == ["convert"]:
         dest = Path(argv[1]).expanduser() if len(argv) > 1 else cache_dir()
@@ -177,18 +197,3 @@ def _main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(_main(sys.argv[1:]))
-
-
-def server_or_skip() -> Iterator[SmolLM2Server]:
-    """A running server for a pytest fixture; the test is skipped when the parts are missing."""
-    import pytest
-
-    for module in ("gguf", "fastapi", "uvicorn"):
-        if importlib.util.find_spec(module) is None:
-            pytest.skip(f"{module} is not installed (see requirements/teachers.txt)")
-    try:
-        gguf_path()
-    except SmolLM2Unavailable as exc:
-        pytest.skip(str(exc))
-    with SmolLM2Server() as server:
-        yield server

@@ -133,17 +133,22 @@ def together(gate: Path, calls: list[str]) -> None:
     wait_all(procs)
 
 
-# ---------------------------------------------------------------------------- tests
-
-
-def test_two_contenders_one_winner(where: dict[str, str], tmp_path: Path) -> None:
+def contend_together(where: dict[str, str], tmp_path: Path) -> list[dict[str, Any]]:
+    """What each of ``PROCESSES`` contenders released at once won; every key is won exactly once."""
     outs = [tmp_path / f"won{i}.json" for i in range(PROCESSES)]
     gate = tmp_path / "gate"
     together(gate, [f"contend({where['root']!r}, {where['endpoint']!r}, {KEYS}, {str(gate)!r}, {str(o)!r}, 0.5)"
                     for o in outs])
     results = [json.loads(o.read_text()) for o in outs]
-    wins = Counter(k for r in results for k in r["won"])
-    assert wins == Counter({f"k{i}": 1 for i in range(KEYS)})  # every key won exactly once
+    assert Counter(k for r in results for k in r["won"]) == Counter({f"k{i}": 1 for i in range(KEYS)})
+    return results
+
+
+# ---------------------------------------------------------------------------- tests
+
+
+def test_two_contenders_one_winner(where: dict[str, str], tmp_path: Path) -> None:
+    results = contend_together(where, tmp_path)
     assert all(r["taken_over"] == 0 for r in results)  # nobody expired: no takeover
 
 
@@ -194,13 +199,7 @@ def test_takeover_race_has_one_winner(where: dict[str, str], tmp_path: Path) -> 
     # Leave an expired lease on every key, then let several processes take them over at once.
     wait_all([spawn(f"die_holding({where['root']!r}, {where['endpoint']!r}, {KEYS}, 0.2, {ELSEWHERE!r})")])
     time.sleep(0.3)
-    outs = [tmp_path / f"took{i}.json" for i in range(PROCESSES)]
-    gate = tmp_path / "gate"
-    together(gate, [f"contend({where['root']!r}, {where['endpoint']!r}, {KEYS}, {str(gate)!r}, {str(o)!r}, 0.5)"
-                    for o in outs])
-    results = [json.loads(o.read_text()) for o in outs]
-    wins = Counter(k for r in results for k in r["won"])
-    assert wins == Counter({f"k{i}": 1 for i in range(KEYS)})
+    results = contend_together(where, tmp_path)
     assert sum(r["taken_over"] for r in results) == KEYS  # each won by taking the dead one's over
 
 

@@ -13,5 +13,6 @@ from mmat_assets.toolkit.answers import letter_of as letter_of
 from mmat_assets.toolkit.answers import normalise_text as normalise_text
 from mmat_assets.toolkit.answers import numbers_in as numbers_in
 from mmat_assets.toolkit.answers import plain_fractions as plain_fractions
+from mmat_assets.toolkit.answers import rationale_lines as rationale_lines
 from mmat_assets.toolkit.answers import same_answer as same_answer
 from mmat_assets.toolkit.answers import to_number as to_number

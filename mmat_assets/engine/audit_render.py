@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import html
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from rich.console import Console
 from rich.panel import Panel
@@ -67,6 +68,12 @@ def _usd(v: float | None) -> str:
 
 def _rate(v: float | None) -> str:
     return "—" if v is None else f"{100 * v:.1f}%"
+
+
+def _labelled(record: Mapping[str, object], fmt: Callable[[Any], str], *keys: str) -> list[tuple[str, str]]:
+    """``(label, formatted value)`` per key of ``record``, labelled by the key spelled out
+    (``teacher_calls``: "teacher calls")."""
+    return [(key.replace("_", " "), fmt(record.get(key))) for key in keys]
 
 
 def _numeric_order(counts: Mapping[str, int]) -> dict[str, int]:
@@ -175,29 +182,20 @@ def _tools(audit: Audit) -> _Section:
     return sec
 
 
+def _values(title: str, head: str, rows: list[tuple[str, str]]) -> _Section:
+    """A two-column section: what is measured, and its value."""
+    return _Section(title, (head, "value"), rows=list(rows), numeric=frozenset({1}))
+
+
 def _totals(audit: Audit) -> _Section:
     t = audit["totals"]
-    sec = _Section("Totals", ("measure", "value"), numeric=frozenset({1}))
-    sec.rows = [
-        ("rows", fmt_number(t.get("rows"))),
-        ("teacher calls", fmt_number(t.get("teacher_calls"))),
-        ("tool calls", fmt_number(t.get("tool_calls"))),
-        ("prompt tokens", fmt_number(t.get("prompt_tokens"))),
-        ("completion tokens", fmt_number(t.get("completion_tokens"))),
-        ("tokens", fmt_number(t.get("tokens"))),
-        ("cost (USD)", _usd(t.get("cost_usd"))),
-    ]
-    return sec
+    counts = _labelled(t, fmt_number, "rows", "teacher_calls", "tool_calls", "prompt_tokens", "completion_tokens",
+                       "tokens")
+    return _values("Totals", "measure", [*counts, ("cost (USD)", _usd(t.get("cost_usd")))])
 
 
 def _rates(audit: Audit) -> _Section:
-    r = audit["rates"]
-    sec = _Section("Rates", ("rate", "value"), numeric=frozenset({1}))
-    sec.rows = [
-        ("reflection rate", _rate(r.get("reflection_rate"))),
-        ("failure rate", _rate(r.get("failure_rate"))),
-    ]
-    return sec
+    return _values("Rates", "rate", _labelled(audit["rates"], _rate, "reflection_rate", "failure_rate"))
 
 
 def _funnel(audit: Audit) -> _Section:

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 from mmat_assets import protocol
 from mmat_assets.contracts import CLAIM_VERBS, JudgeContext, Source, TeacherError, TeacherRequest, Tool
 from mmat_assets.engine.answers import NUMBER_IN_TEXT as _NUMBER_IN_TEXT
-from mmat_assets.engine.answers import contains_answer, numbers_in, plain_fractions, to_number
+from mmat_assets.engine.answers import contains_answer, numbers_in, plain_fractions, rationale_lines, to_number
 
 JUDGE_VERSION = "judge-1"
 #: The end of a grounding note that says the teacher left the derivation out on purpose.
@@ -333,12 +333,7 @@ def gold_derivation(rationale: str | None, answer: str) -> str | None:
     gold = to_number(answer)
     if not rationale or gold is None:
         return None
-    lines: list[str] = []
-    for ln in (x.strip() for x in rationale.splitlines()):
-        if ln and lines and ln[0] in "=→":
-            lines[-1] = f"{lines[-1]} {ln}"
-        elif ln:
-            lines.append(ln)
+    lines = rationale_lines(rationale)
     target = round(abs(gold), 4)
     found = [ln for ln in lines if any(v == target for _, v in _derivations(plain_fractions(ln)))]
     return " ".join(ln if ln[-1] in ".!?" else f"{ln}." for ln in found) or None

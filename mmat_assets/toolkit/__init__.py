@@ -8,14 +8,15 @@ A plugin imports only :mod:`mmat_assets.hookspecs`, :mod:`mmat_assets.contracts`
 - :mod:`~mmat_assets.toolkit.jsonl`: streaming JSONL and member-by-member JSON reading
   where one bad line or value becomes a :class:`~mmat_assets.contracts.BadRow`
   (:func:`iter_jsonl_objects`, :func:`iter_json_members`, :func:`guarded`, excerpts).
-- :mod:`~mmat_assets.toolkit.sources`: :class:`FileSource`, a source read from a file with
-  an image root, and :func:`guarded_records`.
+- :mod:`~mmat_assets.toolkit.sources`: :class:`PathSource`, a source read from a configured
+  file or folder; :class:`FileSource`, one with an image root as well; and
+  :func:`guarded_records`.
 - :mod:`~mmat_assets.toolkit.export`: the :class:`Record` an exporter receives,
   :func:`copy_images`, :func:`write_jsonl`, :func:`relative_to`, :func:`licence_counts`, and
   :func:`write_formats` / :func:`write_indexed_formats` (one file per format, images copied once).
 - :mod:`~mmat_assets.toolkit.answers`: answer normalisation and comparison
   (:func:`same_answer`, :func:`letter_of`, :func:`normalise_text`, :func:`to_number`,
-  :func:`numbers_in`, :func:`plain_fractions`).
+  :func:`numbers_in`, :func:`plain_fractions`, :func:`rationale_lines`).
 - :mod:`~mmat_assets.toolkit.batch`: :class:`BatchCollector`, a turn-synchronous Batch API
   queue for a teacher (with :class:`BatchLimits` and :class:`BatchStats`).
 - :mod:`~mmat_assets.toolkit.ratelimit`: :class:`AdaptiveLimiter`, AIMD concurrency that
@@ -26,7 +27,8 @@ Importing the package is cheap: image libraries load only when an image is opene
 
 from __future__ import annotations
 
-from mmat_assets.toolkit.answers import letter_of, normalise_text, numbers_in, plain_fractions, same_answer, to_number
+from mmat_assets.toolkit.answers import (letter_of, normalise_text, numbers_in, plain_fractions, rationale_lines,
+                                         same_answer, to_number)
 from mmat_assets.toolkit.batch import BatchCollector, BatchLimits, BatchStats
 from mmat_assets.toolkit.export import (IMAGE_TAG, Record, copy_images, licence_counts, relative_to, write_formats,
                                         write_indexed_formats, write_jsonl)
@@ -34,7 +36,7 @@ from mmat_assets.toolkit.images import file_sha256, open_rgb
 from mmat_assets.toolkit.jsonl import (excerpt_of, guarded, guarded_rows, iter_json_members, iter_jsonl,
                                        iter_jsonl_objects, line_id, raw_excerpt)
 from mmat_assets.toolkit.ratelimit import AdaptiveLimiter
-from mmat_assets.toolkit.sources import FileSource, FileSourceOptions, guarded_records
+from mmat_assets.toolkit.sources import FileSource, FileSourceOptions, PathSource, PathSourceOptions, guarded_records
 
 __all__ = [
     "IMAGE_TAG",
@@ -44,6 +46,8 @@ __all__ = [
     "BatchStats",
     "FileSource",
     "FileSourceOptions",
+    "PathSource",
+    "PathSourceOptions",
     "Record",
     "copy_images",
     "excerpt_of",
@@ -61,6 +65,7 @@ __all__ = [
     "numbers_in",
     "open_rgb",
     "plain_fractions",
+    "rationale_lines",
     "raw_excerpt",
     "relative_to",
     "same_answer",

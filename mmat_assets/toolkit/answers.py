@@ -118,6 +118,18 @@ def contains_answer(text: str, gold: str, answer_type: str | None = None, choice
     return to_number(gold) is None and f" {normalise_text(gold)} " in f" {normalise_text(tail)} "
 
 
+def rationale_lines(rationale: str) -> list[str]:
+    """A worked solution's non-empty lines, a continuation line (``= ...`` or ``→ ...``)
+    joined to the line it continues."""
+    out: list[str] = []
+    for ln in (x.strip() for x in rationale.splitlines()):
+        if ln and out and ln[0] in "=→":
+            out[-1] = f"{out[-1]} {ln}"
+        elif ln:
+            out.append(ln)
+    return out
+
+
 __all__ = [
     "NUMBER_IN_TEXT",
     "conclusion_of",
@@ -126,6 +138,7 @@ __all__ = [
     "normalise_text",
     "numbers_in",
     "plain_fractions",
+    "rationale_lines",
     "same_answer",
     "to_number",
 ]

@@ -1,7 +1,8 @@
 """A base class for sources read from files, and the guard that keeps one bad record local.
 
-Most datasets are a file (or a folder) plus a directory of images. :class:`FileSource`
-resolves both from its options (``path`` and ``image_root``, against the config's folder);
+Most datasets are a file (or a folder) plus a directory of images. :class:`PathSource`
+resolves its ``path`` option against the config's folder (a source that lays its images out
+itself, or carries them as bytes, needs no more); :class:`FileSource` adds ``image_root``;
 :func:`guarded_records` turns parsed records into rows so that a record whose parsing
 raises becomes a :class:`~mmat_assets.contracts.BadRow` naming it, and the rest are read.
 
@@ -38,25 +39,47 @@ _K = TypeVar("_K")
 Built = SourceRow | BadRow | Iterable[SourceRow | BadRow]
 
 
-class FileSourceOptions(BaseModel):
-    """The options every :class:`FileSource` reads; subclasses add their own (and may
-    redeclare ``path`` with a description naming their file)."""
+class PathSourceOptions(BaseModel):
+    """The options every :class:`PathSource` reads; subclasses add their own (and may
+    redeclare ``path`` with a description naming their file or folder)."""
 
     model_config = ConfigDict(extra="forbid")
     path: str = Field(description="The file (or folder) to read, relative to the config's folder.")
-    image_root: str | None = Field(
-        default=None,
-        description="Directory image paths are relative to; defaults to the file's directory.",
-    )
     license: str | None = Field(
         default=None, description="Licence carried by every row; defaults to the source's own licence.",
     )
 
 
+class FileSourceOptions(PathSourceOptions):
+    """The options every :class:`FileSource` reads: a :class:`PathSource`'s and ``image_root``."""
+
+    image_root: str | None = Field(
+        default=None,
+        description="Directory image paths are relative to; defaults to the file's directory.",
+    )
+
+
+PathOptionsT = TypeVar("PathOptionsT", bound=PathSourceOptions)
 FileOptionsT = TypeVar("FileOptionsT", bound=FileSourceOptions)
 
 
-class FileSource(Source[FileOptionsT]):
+class PathSource(Source[PathOptionsT]):
+    """A source whose ``path`` option names its data: a file or a folder.
+
+    Its options model subclasses :class:`PathSourceOptions`
+    (``class MySource(PathSource[MyOptions])`` with ``Options = MyOptions``). Subclasses
+    implement :meth:`read`, and :meth:`image_root` where rows name images by path.
+    """
+
+    Options: type[PathOptionsT] = PathSourceOptions  # type: ignore[assignment]  # subclasses narrow it
+
+    @property
+    def root(self) -> Path:
+        """The configured ``path``, resolved against :attr:`base_dir`."""
+        return self.resolve_path(self.options.path)
+
+
+class FileSource(PathSource[FileOptionsT]):
     """A source whose ``path`` option names its data, with images under ``image_root``.
 
     Its options model subclasses :class:`FileSourceOptions`
@@ -68,8 +91,8 @@ class FileSource(Source[FileOptionsT]):
 
     @property
     def file(self) -> Path:
-        """The configured ``path``, resolved against :attr:`base_dir`."""
-        return self.resolve_path(self.options.path)
+        """The configured ``path``, resolved against :attr:`base_dir` (:attr:`root` by its other name)."""
+        return self.root
 
     def image_root(self) -> Path | None:
         """The configured ``image_root``; without one, the directory holding :attr:`file`."""
@@ -97,4 +120,5 @@ def _as_list(built: Built) -> list[SourceRow | BadRow]:
     return [built] if isinstance(built, (SourceRow, BadRow)) else list(built)
 
 
-__all__ = ["Built", "FileOptionsT", "FileSource", "FileSourceOptions", "guarded_records"]
+__all__ = ["Built", "FileOptionsT", "FileSource", "FileSourceOptions", "PathOptionsT", "PathSource",
+           "PathSourceOptions", "guarded_records"]
