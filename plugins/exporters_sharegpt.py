@@ -5,6 +5,13 @@ Tag-style assistant turns are ``gpt``; user turns that carry tool results are
 ``human``. Every path is relative to the export folder, so it can be copied anywhere: pass
 the folder as LLaMA-Factory's ``dataset_dir`` (its ``media_dir`` defaults to it; set
 ``media_dir`` to the folder when ``dataset_dir`` points elsewhere).
+
+LLaMA-Factory's ``llava`` template is Vicuna-style (``USER: ... ASSISTANT:``), right for
+llava-hf 1.5 models; no template it ships pairs ChatML with the llava image plugin, and it
+takes new templates only in its source. The folder holds ``llamafactory_template.py``, the
+``register_template`` call for ``mmat_chatml_llava`` (ChatML turns, stop at ``<|im_end|>``,
+the llava plugin) to add to ``src/llamafactory/data/template.py``, for a ChatML
+LLaVA-architecture student such as the offline one (``template: mmat_chatml_llava``).
 """
 
 from __future__ import annotations
@@ -18,6 +25,23 @@ from mmat_assets import protocol
 from mmat_assets.contracts import Exporter
 from mmat_assets.hookspecs import Register, hookimpl
 from mmat_assets.toolkit.export import Record, write_indexed_formats
+
+#: The LLaMA-Factory template that renders a conversation as the offline student's ChatML does.
+TEMPLATE_NAME = "mmat_chatml_llava"
+#: Its registration, for ``src/llamafactory/data/template.py`` (where the names it uses are
+#: already imported).
+LLAMAFACTORY_TEMPLATE = f'''# LLaMA-Factory template {TEMPLATE_NAME!r}: ChatML turns with the llava image plugin, for
+# LLaVA-architecture students whose language model speaks ChatML (mmat's offline student).
+# Add it to src/llamafactory/data/template.py, then train with `template: {TEMPLATE_NAME}`.
+register_template(
+    name={TEMPLATE_NAME!r},
+    format_user=StringFormatter(slots=["<|im_start|>user\\n{{{{content}}}}<|im_end|>\\n<|im_start|>assistant\\n"]),
+    format_assistant=StringFormatter(slots=["{{{{content}}}}<|im_end|>\\n"]),
+    format_system=StringFormatter(slots=["<|im_start|>system\\n{{{{content}}}}<|im_end|>\\n"]),
+    stop_words=["<|im_end|>"],
+    mm_plugin=get_mm_plugin(name="llava", image_token="<image>"),
+)
+'''
 
 #: How LLaMA-Factory reads the conversations (its ``dataset_info.json`` entry, less the file).
 DATASET_INFO = {
@@ -42,7 +66,7 @@ def conversation(rec: Record, images: Mapping[str, str]) -> dict[str, Any]:
 
 class ShareGPTExporter(Exporter):
     name = "sharegpt"
-    version = "1.0.0"
+    version = "1.1.0"  # 1.1: ships llamafactory_template.py
     description = "ShareGPT/LLaVA conversations JSON plus LLaMA-Factory dataset_info.json."
 
     def export(self, records: Mapping[str, list[Record]], out_dir: Path, context: Mapping[str, Any]) -> dict[str, Any]:
@@ -54,7 +78,10 @@ class ShareGPTExporter(Exporter):
                             encoding="utf-8")
             return path, {"file_name": path.name, "formatting": "sharegpt", **DATASET_INFO}
 
-        return write_indexed_formats(records, out_dir, write, out_dir / "dataset_info.json")
+        written = write_indexed_formats(records, out_dir, write, out_dir / "dataset_info.json")
+        template = out_dir / "llamafactory_template.py"
+        template.write_text(LLAMAFACTORY_TEMPLATE, encoding="utf-8")
+        return {**written, "llamafactory_template": str(template)}
 
 
 @hookimpl
