@@ -11,12 +11,19 @@ It prints:
 - samples/s against the latency-bound ideal at the total configured concurrency
   (``R * C / (2 * latency)``): end to end (submit to the backfill's end) and over the
   rationale stage alone (first rationale step start to last end); target >= 0.85;
-- peak RSS per run (the run worker and its step processes, sampled); target <= 1.5 GB;
+- peak RSS per run (the run worker, with its step processes under the multiprocess executor,
+  sampled); target <= 1.5 GB;
 - Dagster's overhead per run: the run's wall time (launched to finished) minus the time
   inside its steps (the union of step start..end from the instance's event log); target <= 3 s;
+  of it, the start-up (launched to the first step's start: the run worker's process, its
+  imports and the project's definitions);
 - the extrapolation of the end-to-end rate to the paper's 1.09M samples.
 
     python benchmarks/scale.py [--rows 100000] [--shards 64] [--runs-at-once 2] [--concurrency 32]
+                               [--executor in_process|multiprocess]
+
+``--executor`` is ``deployment.executor`` of the generated project (how a launched run executes
+its steps), so the two can be compared on the same machine in one sitting.
 """
 
 from __future__ import annotations
@@ -50,7 +57,10 @@ MMAT = str(Path(sys.executable).with_name("mmat"))
 
 
 def write_source(folder: Path, rows: int, images: int, seed: int = 0) -> Path:
-    """``rows`` arithmetic questions over ``images`` small distinct PNGs; the JSONL's path."""
+    """``rows`` distinct arithmetic questions over ``images`` small distinct PNGs; the JSONL's path.
+
+    No two rows ask the same question of the same image: the source would drop the second as a
+    duplicate, and every row is meant to reach the teacher."""
     from PIL import Image
 
     rng = random.Random(seed)
@@ -59,9 +69,13 @@ def write_source(folder: Path, rows: int, images: int, seed: int = 0) -> Path:
         pixels = bytes(rng.randrange(256) for _ in range(16 * 16 * 3))
         Image.frombytes("RGB", (16, 16), pixels).resize((64, 64)).save(folder / "images" / f"{i}.png")
     path = folder / "qa.jsonl"
+    seen: set[tuple[int, int, int]] = set()
     with path.open("w", encoding="utf-8") as out:
         for i in range(rows):
             a, b = rng.randrange(100), rng.randrange(100)
+            while (a, b, i % images) in seen:
+                a, b = rng.randrange(100), rng.randrange(100)
+            seen.add((a, b, i % images))
             out.write(json.dumps({"qid": f"q{i}", "prompt": f"What is {a} + {b}?", "gold": str(a + b),
                                   "img": f"images/{i % images}.png"}) + "\n")
     return path
@@ -79,6 +93,7 @@ def write_config(folder: Path, data: Path, args: argparse.Namespace, base_url: s
             "max_retries": 2}}},
         "stages": {"teacher": "fixed", "concurrency": args.concurrency, "max_steps": 3},
         "profiles": {"local": {"root": str(folder / "store")}},
+        "deployment": {"executor": args.executor},
     }
     path = folder / "mmat.yaml"
     path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
@@ -88,8 +103,9 @@ def write_config(folder: Path, data: Path, args: argparse.Namespace, base_url: s
 class RssSampler(threading.Thread):
     """Peak resident memory of each run worker with its step processes, by the worker's pid.
 
-    The code server starts each run worker, and a run worker each step, as a ``multiprocessing``
-    spawn child: a run worker is a spawned process whose parent was not spawned."""
+    The code server starts each run worker as a ``multiprocessing`` spawn child: a run worker is
+    a spawned process whose parent was not spawned. The in-process executor runs every step in
+    that process; the multiprocess one starts each step as a spawn child of it, summed in."""
 
     def __init__(self, every_s: float = 0.5) -> None:
         super().__init__(daemon=True)
@@ -128,7 +144,8 @@ def _union(spans: list[tuple[float, float]]) -> float:
 
 
 def run_stats(instance: Any, run_id: str) -> dict[str, Any]:
-    """Wall (launched to finished), time inside steps, the worker's pid, rationale step spans."""
+    """Wall (launched to finished), time inside steps, start-up (launched to the first step),
+    the worker's pid, rationale step spans."""
     import dagster as dg
 
     events = [e for e in instance.all_logs(run_id) if e.dagster_event is not None]
@@ -149,8 +166,9 @@ def run_stats(instance: Any, run_id: str) -> dict[str, Any]:
                 if kind(e) == dg.DagsterEventType.ENGINE_EVENT and "Started process for run (pid:" in (e.message or "")),
                None)
     wall, inside = ended - launched, _union(spans)
-    return {"run": run_id[:8], "wall_s": wall, "steps_s": inside, "overhead_s": wall - inside, "pid": pid,
-            "rationale": rationale}
+    startup = min(starts.values(), default=ended) - launched
+    return {"run": run_id[:8], "wall_s": wall, "steps_s": inside, "overhead_s": wall - inside, "startup_s": startup,
+            "pid": pid, "rationale": rationale}
 
 
 def measure(args: argparse.Namespace, tmp: Path, base_url: str) -> dict[str, Any]:
@@ -199,10 +217,12 @@ def report(args: argparse.Namespace, result: dict[str, Any]) -> bool:
     overhead = max(r["overhead_s"] for r in shard_runs)
     print(f"scale: {args.rows} rows, {args.shards} shards, {args.shards_per_run} per run, {len(runs)} runs "
           f"({args.runs_at_once} at once), {CALLS_PER_SAMPLE} calls/row at {args.latency_ms:g} ms, "
-          f"concurrency {args.concurrency} per run ({total_c} in all)")
-    print(f"{'run':10} {'wall s':>8} {'in steps s':>11} {'overhead s':>11} {'peak RSS GB':>12}")
+          f"concurrency {args.concurrency} per run ({total_c} in all), {args.executor} executor")
+    print(f"{'run':10} {'wall s':>8} {'in steps s':>11} {'overhead s':>11} {'of it start-up s':>17} "
+          f"{'peak RSS GB':>12}")
     for r in runs:
-        print(f"{r['run']:10} {r['wall_s']:8.1f} {r['steps_s']:11.1f} {r['overhead_s']:11.1f} {r['rss_gb']:12.2f}")
+        print(f"{r['run']:10} {r['wall_s']:8.1f} {r['steps_s']:11.1f} {r['overhead_s']:11.1f} {r['startup_s']:17.1f} "
+              f"{r['rss_gb']:12.2f}")
     print(f"rows: {rows}")
     print(f"end to end: {result['wall_s']:.1f} s, {e2e:.1f} samples/s; ideal {ideal:.1f}; ratio {e2e / ideal:.2f}")
     print(f"rationale stage: {stage_s:.1f} s, {stage:.1f} samples/s; ratio {stage / ideal:.2f} "
@@ -227,6 +247,8 @@ def main() -> None:
     parser.add_argument("--latency-ms", type=float, default=50.0)
     parser.add_argument("--images", type=int, default=1024)
     parser.add_argument("--timeout-s", type=float, default=3600.0)
+    parser.add_argument("--executor", choices=("in_process", "multiprocess"), default="in_process",
+                        help="deployment.executor: how a launched run executes its steps")
     args = parser.parse_args()
     args.shards_per_run = args.shards_per_run or -(-args.shards // args.runs_at_once)
     parent, child = mp.Pipe()

@@ -117,15 +117,32 @@ SHARD_TAG_LIMITS = """\
         limit: 1
 """
 
+#: Dagster's run monitoring (a daemon loop), the same keys as infra/dagster.yaml: a run whose
+#: worker never comes up fails after start_timeout_seconds, a cancel that hangs ends after
+#: cancel_timeout_seconds, and pool slots a dead run still holds are freed. The default run
+#: launcher has no run-worker health check: a worker that dies is failed by the code server
+#: that started it.
+RUN_MONITORING = """\
+run_monitoring:
+  enabled: true
+  start_timeout_seconds: 300
+  cancel_timeout_seconds: 300
+  poll_interval_seconds: 60
+  max_resume_run_attempts: 0
+  free_slots_after_run_end_seconds: 300
+"""
+
 DAGSTER_YAML = """\
 # Written by mmat. Runs launched from the UI or by `mmat build --launch` queue, and the
 # daemon (part of `dagster dev`; else `dagster-daemon run`) starts them, one run per shard
-# at a time. `mmat build` without --launch runs in its own processes and needs no daemon.
+# at a time, and ends runs whose worker never started (run_monitoring). `mmat build`
+# without --launch runs in its own processes and needs no daemon.
 run_coordinator:
   module: dagster._core.run_coordinator
   class: QueuedRunCoordinator
   config:
 """ + SHARD_TAG_LIMITS + """\
+""" + RUN_MONITORING + """\
 telemetry:
   enabled: false
 """

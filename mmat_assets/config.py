@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
@@ -202,6 +202,13 @@ class DeploymentConfig(_Model):
     gpu_node_selector: dict[str, str] = Field(
         default_factory=lambda: {"nvidia.com/gpu.present": "true"},
         description="Kubernetes node labels of the GPU nodes that runs with gpus > 0 go to.",
+    )
+    executor: Literal["in_process", "multiprocess"] = Field(
+        default="in_process",
+        description="How a launched run (UI, backfill, `mmat build --launch`) executes its steps: in_process "
+        "(Dagster's in_process_executor: every step in the run worker's own process, one after another) or "
+        "multiprocess (Dagster's default: a new Python process per step, seconds of start-up each, steps "
+        "in parallel). Any run launcher (default, ECS, Kubernetes) starts the run worker either way.",
     )
 
 

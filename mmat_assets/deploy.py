@@ -1,5 +1,6 @@
 """What a cluster deployment needs from the code: the jobs whose runs carry their machine size,
-the teacher pool, and a check that stops a misconfigured deployment when the code location loads.
+the executor of launched runs, the teacher pool, and a check that stops a misconfigured
+deployment when the code location loads.
 
 A run's size travels as run tags that Dagster's own launchers read: ``ecs/cpu`` and
 ``ecs/memory`` (``EcsRunLauncher``) and ``dagster-k8s/config`` (``K8sRunLauncher``). The check
@@ -38,6 +39,13 @@ JOBS: dict[str, tuple[str, tuple[str, ...], bool, str]] = {
     "training": ("training", ("training",), False, "The student: its base and its training."),
 }
 
+#: ``deployment.executor``: how a launched run executes its steps. in_process runs them in the run
+#: worker that the launcher started (a local subprocess, an ECS task, a Kubernetes Job's pod);
+#: multiprocess starts a Python process per step, which imports Dagster and the project again
+#: (seconds each, and a shard run's assets and checks are many steps).
+EXECUTORS: dict[str, dg.ExecutorDefinition] = {"in_process": dg.in_process_executor,
+                                               "multiprocess": dg.multiprocess_executor}
+
 
 class DeploymentError(Exception):
     """A deployment that cannot work; the message is one line naming what is wrong."""
@@ -69,6 +77,11 @@ def run_tags(size: RunSize, gpu_node_selector: Mapping[str, str]) -> dict[str, s
 def _job_keys(assets: list[dg.AssetsDefinition], groups: tuple[str, ...], shards_only: bool) -> list[dg.AssetKey]:
     return [key for a in assets for key in a.keys
             if a.group_names_by_key.get(key) in groups and (a.partitions_def is not None or not shards_only)]
+
+
+def run_executor(deployment: DeploymentConfig) -> dg.ExecutorDefinition:
+    """The executor of every launched run: a backfill's, and each job's of :func:`deployment_jobs`."""
+    return EXECUTORS[deployment.executor]
 
 
 def deployment_jobs(deployment: DeploymentConfig,

@@ -4,7 +4,8 @@ The backfill goes to the instance (``$DAGSTER_HOME``); the daemon's backfill loo
 into runs (the shard assets' ``BackfillPolicy`` puts ``foundation.shards_per_run`` shards in
 one run), the run coordinator queues them (one run per shard at a time: the tag limits in
 mmat's ``dagster.yaml``) and the instance's run launcher starts them (locally one subprocess
-per run; on a cluster whatever the instance configures). This process only follows: it
+per run; on a cluster whatever the instance configures), each run executing its steps in that
+one process (``deployment.executor``, mmat_assets.deploy). This process only follows: it
 polls the backfill and its runs and folds each finished run into the same summary an
 in-process build makes. It can detach at any time (Ctrl-C) and attach again (``--follow``).
 """

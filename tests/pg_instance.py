@@ -104,8 +104,9 @@ class Postgres:
 
 def instance_yaml(pg: Postgres, max_concurrent_runs: int) -> str:
     """A ``dagster.yaml`` on ``pg``: the team deployment's keys (``infra/dagster.yaml``: PostgreSQL
-    storage, the queued coordinator with its one-run-per-shard tag limits) with this cluster's
-    address, a run limit, and the default run launcher (one local subprocess per run)."""
+    storage, the queued coordinator with its one-run-per-shard tag limits, run monitoring) with
+    this cluster's address, a run limit, and the default run launcher (one local subprocess per
+    run)."""
     infra = yaml.safe_load((REPO / "infra" / "dagster.yaml").read_text(encoding="utf-8"))
     coordinator = infra["run_coordinator"]
     limits = coordinator["config"]["tag_concurrency_limits"]
@@ -115,6 +116,7 @@ def instance_yaml(pg: Postgres, max_concurrent_runs: int) -> str:
                             "config": {"max_concurrent_runs": max_concurrent_runs,
                                        "tag_concurrency_limits": limits, "dequeue_interval_seconds": 1}},
         "run_launcher": {"module": "dagster._core.launcher", "class": "DefaultRunLauncher"},
+        "run_monitoring": infra["run_monitoring"],
         "telemetry": {"enabled": False},
     }, sort_keys=False)
 

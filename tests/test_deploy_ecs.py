@@ -173,6 +173,8 @@ def test_ecs_launch_registers_task_runs_it_and_its_command_materializes_the_shar
         monkeypatch.setenv(k, v)
 
     instance = dg.DagsterInstance.from_config(str(home))
+    # the daemon asks the launcher about each running run's task: one whose task died is failed
+    assert instance.run_monitoring_enabled and instance.run_launcher.supports_check_run_worker_health
     defs = _definitions()
     src = [dg.AssetKey(["source_samples", "tabmwp"]), dg.AssetKey(["quarantine", "source", "tabmwp"])]
     assert dg.materialize(list(defs.assets), selection=src, instance=instance, resources=defs.resources).success

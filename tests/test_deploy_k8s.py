@@ -7,6 +7,7 @@ training, the GPU nodes. The Job is checked as the ``kubernetes`` client's ``V1J
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,9 @@ def test_helm_values_render_the_same_instance() -> None:
     assert queued["maxConcurrentRuns"] == coordinator["max_concurrent_runs"]
     assert queued["tagConcurrencyLimits"] == coordinator["tag_concurrency_limits"]
     assert values["additionalInstanceConfig"]["concurrency"] == instance["concurrency"]
+    # run monitoring, in the chart's camelCase
+    monitoring = values["dagsterDaemon"]["runMonitoring"]
+    assert {re.sub(r"(?<!^)(?=[A-Z])", "_", k).lower(): v for k, v in monitoring.items()} == instance["run_monitoring"]
     (code,) = values["dagster-user-deployments"]["deployments"]
     assert [s["name"] for s in code["envSecrets"]] == mine["env_secrets"]
     assert {e["name"]: e["value"] for e in code["env"]}["MMAT_PROFILE"] == "prod"
@@ -105,6 +109,8 @@ def test_k8s_launcher_builds_the_job_of_each_run(pod_env: Path) -> None:
     instance = dg.DagsterInstance.from_config(str(pod_env))
     launcher = instance.run_launcher
     assert isinstance(launcher, K8sRunLauncher)
+    # the daemon asks the launcher after each run's Job: one whose pod died is marked failed
+    assert instance.run_monitoring_enabled and launcher.supports_check_run_worker_health
     created: list[tuple[Any, str]] = []
     # the API server: takes the Job the launcher built (nothing runs here)
     launcher._api_client.create_namespaced_job_with_retries = lambda body, namespace: created.append((body, namespace))

@@ -104,6 +104,12 @@ def test_launch_runs_the_selection_as_batched_backfill_runs(daemon: tuple[Path, 
         ranges = sorted((r.tags["dagster/asset_partition_range_start"], r.tags["dagster/asset_partition_range_end"])
                         for r in shard_runs)
         assert ranges == [("00", "03"), ("04", "07"), ("08", "11"), ("12", "15")]
+        # every step ran in its run worker's own process (deployment.executor: in_process)
+        for run in shard_runs:
+            started = instance.all_logs(run.run_id, of_type=dg.DagsterEventType.RUN_START)
+            (worker,) = {e.dagster_event.pid for e in started if e.dagster_event}
+            steps = instance.all_logs(run.run_id, of_type=dg.DagsterEventType.STEP_START)
+            assert steps and {e.dagster_event.pid for e in steps if e.dagster_event} == {worker}, run.run_id
         # every shard materialized exactly once, each with its own row count
         mats = instance.fetch_materializations(dg.AssetKey("foundation_samples"), limit=1000).records
         parts = sorted(m.partition_key for m in mats)
@@ -175,3 +181,80 @@ def test_a_run_of_several_shards_records_each_shard_on_its_own(tmp_path: Path) -
 
     for part, mat in mats.items():
         assert mat.metadata["dagster/row_count"].value == pl.read_parquet(paths[part]).height
+
+
+def _job_executors(cfg: Path) -> dict[str, str]:
+    """The executor each kind of launched run gets: a backfill's (the implicit asset job) and
+    each sized deployment job's."""
+    from mmat_assets.runner import _definitions
+
+    defs = _definitions(cfg, "local")[0]
+    jobs = {"backfill": defs.resolve_implicit_global_asset_job_def()}
+    jobs |= {name: defs.resolve_job_def(name) for name in ("foundation_shards", "teacher_shards", "training")}
+    return {name: job.executor_def.name for name, job in jobs.items()}
+
+
+def test_launched_runs_execute_their_steps_in_the_run_worker(tmp_path: Path) -> None:
+    """A launched run executes its steps in its run worker's process (a process per step costs
+    seconds of start-up each); ``deployment.executor`` brings back a process per step."""
+    assert set(_job_executors(qa_project(tmp_path / "default")).values()) == {dg.in_process_executor.name}
+    cfg = qa_project(tmp_path / "multi")
+    doc = yaml.safe_load(cfg.read_text())
+    cfg.write_text(yaml.safe_dump({**doc, "deployment": {"executor": "multiprocess"}}))
+    assert set(_job_executors(cfg).values()) == {dg.multiprocess_executor.name}
+    doc["deployment"] = {"executor": "k8s"}
+    cfg.write_text(yaml.safe_dump(doc))
+    with pytest.raises(Exception, match="executor"):
+        _job_executors(cfg)
+
+
+def test_the_instances_monitor_their_runs(tmp_path: Path) -> None:
+    """mmat's own dagster.yaml and the team deployment's turn on Dagster's run monitoring: a run
+    whose worker never comes up, or that hangs while being canceled, is ended by the daemon, and
+    the pool slots of a run that ended without freeing them are given back."""
+    home = home_of(qa_project(tmp_path))
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        assert instance.run_monitoring_enabled
+        assert 0 < instance.run_monitoring_start_timeout_seconds <= 600
+        assert 0 < instance.run_monitoring_cancel_timeout_seconds <= 600
+        assert 0 < instance.run_monitoring_poll_interval_seconds <= 120
+        assert 0 < instance.run_monitoring_settings["free_slots_after_run_end_seconds"] <= 600
+    local = yaml.safe_load(DAGSTER_YAML)["run_monitoring"]
+    for path in ("dagster.yaml", "ecs/dagster.yaml", "k8s/dagster.yaml"):
+        assert yaml.safe_load((REPO / "infra" / path).read_text())["run_monitoring"] == local, path
+
+
+def test_the_daemon_fails_a_run_whose_worker_never_came_up(tmp_path: Path) -> None:
+    """On a real instance (PostgreSQL, the team deployment's run monitoring, a daemon serving
+    the project): a launched run whose worker died before it started the run is failed by the
+    daemon within a bounded wait, instead of staying STARTING forever. The start timeout is
+    shortened here; the keys are infra/dagster.yaml's."""
+    from dagster._core.events import DagsterEvent, DagsterEventType
+
+    from tests.pg_instance import Daemon, Postgres, pg_tool, write_home
+
+    if pg_tool("initdb") is None:
+        pytest.skip("PostgreSQL is not installed (make postgres)")
+    cfg = qa_project(tmp_path / "proj")
+    with Postgres() as pg:
+        home = write_home(tmp_path / "home", pg, 2)
+        doc = yaml.safe_load((home / "dagster.yaml").read_text())
+        assert doc["run_monitoring"]["enabled"] is True
+        doc["run_monitoring"] |= {"start_timeout_seconds": 2, "poll_interval_seconds": 1}
+        (home / "dagster.yaml").write_text(yaml.safe_dump(doc))
+        daemon = Daemon(home, cfg, tmp_path / "daemon.log").start()
+        try:
+            with dg.DagsterInstance.from_config(str(home)) as instance:
+                run = _run(instance, {"dagster/partition": "00"})
+                # what instance.launch_run records before the launcher starts the worker
+                instance.report_dagster_event(DagsterEvent(event_type_value=DagsterEventType.RUN_STARTING.value,
+                                                           job_name=run.job_name), run_id=run.run_id)
+                deadline = time.monotonic() + 90
+                while (status := instance.get_run_by_id(run.run_id).status) == dg.DagsterRunStatus.STARTING:
+                    assert time.monotonic() < deadline, "the run is still STARTING: " + daemon.tail()
+                    time.sleep(1)
+                assert status == dg.DagsterRunStatus.FAILURE
+                failed = [e.message for e in instance.all_logs(run.run_id, of_type=DagsterEventType.RUN_FAILURE)]
+                assert any("to start" in (m or "") for m in failed), failed
+        finally:
+            daemon.stop()

@@ -41,10 +41,10 @@ def build_definitions(cfg: ProjectConfig, profile: str = "local", registry: Regi
     endpoint = dg.EnvVar(prof.endpoint_url_env) if prof.endpoint_url_env and prof.endpoint_url_env in environ else None
     resources = profile_resources(cfg.profile_root(profile), endpoint)
     resources["teacher"] = teacher_resource(cfg, environ)
-    from mmat_assets.deploy import deployment_jobs  # jobs that size their runs on a cluster
+    from mmat_assets.deploy import deployment_jobs, run_executor  # how launched runs are sized and run
 
     return dg.Definitions(assets=assets, asset_checks=checks, resources=resources,
-                          jobs=deployment_jobs(cfg.deployment, assets))
+                          jobs=deployment_jobs(cfg.deployment, assets), executor=run_executor(cfg.deployment))
 
 
 def teacher_resource(cfg: ProjectConfig, environ: Mapping[str, str]) -> TeacherResource:
