@@ -34,7 +34,7 @@ demo: install  ## materialize every asset of the embedded default project (mmat.
 
 test: install browser postgres  ## run the whole test suite (slow end-to-end and browser tests included)
 	$(BIN)/mypy
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=25
 
 test-fast: install  ## the unit tier: everything not marked slow (no end-to-end builds, no browser)
 	$(BIN)/mypy
