@@ -16,6 +16,20 @@ from mmat_assets.engine import ablation as ab
 from mmat_assets.engine.reflection import insert_reflection
 
 # ------------------------------------------------------------------------------ units
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("path", [REPO / "mmat.yaml", *sorted((REPO / "profiles").glob("*.yaml"))],
+                         ids=lambda p: p.name)
+def test_every_shipped_config_validates(path: Path) -> None:
+    from mmat_assets.config import load_config
+
+    cfg = load_config(path)
+    assert cfg.sources and cfg.base_dir == path.parent
+    if cfg.ablation is not None:  # its benchmark is one the config evaluates
+        assert cfg.ablation.benchmark in cfg.evaluation.benchmarks
+
+
 
 
 def test_the_heldout_split_is_seeded_by_id_alone() -> None:
