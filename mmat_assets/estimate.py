@@ -22,6 +22,7 @@ from typing import Any
 
 import polars as pl
 
+from mmat_assets.engine.leases import read_whole
 from mmat_assets.engine.rationale import Environment
 
 STAGES = ("rationales", "reflections")
@@ -217,8 +218,7 @@ def _foundation_tables(storage: Any) -> Iterator[tuple[str, pl.DataFrame]]:
     except FileNotFoundError:
         return
     for path in files:
-        with path.open("rb") as f:
-            yield path.name.removesuffix(".parquet"), pl.read_parquet(f)
+        yield path.name.removesuffix(".parquet"), pl.read_parquet(read_whole(path))
 
 
 def _stages(defs: Any, select: str | None) -> set[str]:

@@ -1,7 +1,8 @@
 """A polars Parquet IO manager on ``dg.UPathIOManager`` (local paths and ``s3://``).
 
 Tables and documents are written atomically, so builds that write the same asset at once
-leave one whole file (the last to finish), never a mix.
+leave one whole file (the last to finish), never a mix; and a table is read in one request,
+so a reader gets one whole version even while another build's copy lands.
 
 dagster-polars is not used: its 0.27 line passes arguments polars 2.x removed.
 """
@@ -15,7 +16,7 @@ import dagster as dg
 import polars as pl
 from upath import UPath
 
-from mmat_assets.engine.leases import atomic_write, atomic_writer
+from mmat_assets.engine.leases import atomic_write, atomic_writer, read_whole
 
 
 class PolarsParquetIOManager(dg.UPathIOManager):
@@ -51,8 +52,9 @@ class PolarsParquetIOManager(dg.UPathIOManager):
         return None
 
     def load_from_path(self, context: dg.InputContext, path: UPath) -> pl.DataFrame | pl.LazyFrame:
-        with path.open("rb") as f:
-            frame = pl.read_parquet(f)
+        # One GET of the whole object: an S3 file handle reads in ranges pinned to the version
+        # it opened, and fails ("no longer exists") when a concurrent build replaces the table.
+        frame = pl.read_parquet(read_whole(path))
         if context.dagster_type.typing_type is pl.LazyFrame:
             return frame.lazy()
         return frame
@@ -85,4 +87,4 @@ class JsonIOManager(dg.UPathIOManager):
     def load_from_path(self, context: dg.InputContext, path: UPath) -> Any:
         import json
 
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(read_whole(path).decode("utf-8"))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import boto3
 import dagster as dg
@@ -72,3 +74,39 @@ def test_prod_profile_materializes_foundation_into_s3(s3_endpoint: str, tmp_path
     recorded = instance.get_latest_data_version_record(dg.AssetKey("foundation_samples"), False, "1")
     assert chain["foundation_samples"]["data_version"] == recorded.asset_materialization.tags["dagster/data_version"]
     assert chain["source_samples/tabmwp"]["changed_since"] is False
+
+
+def test_a_table_overwritten_while_it_is_read_loads_whole(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two builds at once write the same table; one reading it while the other's copy lands
+    gets one whole version, not an error (S3 serves each ranged read of an object that
+    changed in between as 'no longer exists')."""
+    import s3fs
+    from upath import UPath
+
+    from mmat_assets.io_managers import PolarsParquetIOManager
+
+    path = UPath("s3://mmat-test/run/tables/reflections/1.parquet", endpoint_url=s3_endpoint)
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    old, new = (pl.DataFrame({"row": list(range(20_000)), "text": [f"{tag} {i}" for i in range(20_000)]})
+                for tag in ("first", "second"))
+
+    def put(df: pl.DataFrame) -> None:
+        buf = io.BytesIO()
+        df.write_parquet(buf)
+        s3.put_object(Bucket="mmat-test", Key="run/tables/reflections/1.parquet", Body=buf.getvalue())
+
+    put(old)
+    call = s3fs.S3FileSystem._call_s3
+    landed: list[bool] = []
+
+    async def overwritten_before_the_first_get(self: s3fs.S3FileSystem, method: str, *args: Any, **kwargs: Any) -> Any:
+        if method == "get_object" and not landed:  # the other build's copy lands as this reader reads
+            landed.append(True)
+            put(new)
+        return await call(self, method, *args, **kwargs)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", overwritten_before_the_first_get)
+    context: Any = SimpleNamespace(dagster_type=SimpleNamespace(typing_type=pl.DataFrame))  # what it reads
+    loaded = PolarsParquetIOManager(base_path=UPath("s3://mmat-test/run", endpoint_url=s3_endpoint)).load_from_path(
+        context, path)
+    assert landed and (loaded.equals(old) or loaded.equals(new))

@@ -31,6 +31,7 @@ from upath import UPath
 
 from mmat_assets.contracts import TeacherError
 from mmat_assets.engine.cache import ResultCache
+from mmat_assets.engine.leases import read_whole
 
 #: The TeacherError reason, row failure and row status of a request the cap refused.
 BUDGET_REASON = "budget_exhausted"
@@ -155,7 +156,7 @@ def _cost(value: str | bytes) -> float:
 
 def _answer_cost(path: UPath) -> dict[str, float]:
     try:
-        return {path.name.removesuffix(".json"): _cost(path.read_bytes())}
+        return {path.name.removesuffix(".json"): _cost(read_whole(path))}
     except FileNotFoundError:  # folded into a segment meanwhile: counted from there
         return {}
 
@@ -164,7 +165,7 @@ def _segment_costs(segment: UPath) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / "segment.sqlite"
         try:
-            local.write_bytes(segment.read_bytes())
+            local.write_bytes(read_whole(segment))
         except FileNotFoundError:  # compacted away after the listing
             return {}
         return _local_costs(local)

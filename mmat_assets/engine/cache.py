@@ -50,7 +50,8 @@ from typing import Any, TypeVar
 
 from upath import UPath
 
-from mmat_assets.engine.leases import LEASE_S, WAIT_S, Lease, Leases, atomic_write, is_local, lease_store, poll_delays
+from mmat_assets.engine.leases import (LEASE_S, WAIT_S, Lease, Leases, atomic_write, is_local, lease_store, poll_delays,
+                                       read_whole)
 
 T = TypeVar("T")
 #: What a claimed computation returns: its result, and the value to store (None: not cached).
@@ -316,7 +317,7 @@ class ResultCache:
                 with open(os.path.join(self._local_shard, "answers", key + ".json"), "rb") as f:
                     data = f.read()
             else:
-                data = _read_bytes(self._answer_path(key))
+                data = read_whole(self._answer_path(key))
         except FileNotFoundError:
             return self._lookup(key)  # a process sharing our local file may have stored it
         value = json.loads(data)
@@ -455,7 +456,7 @@ class ResultCache:
         with tempfile.TemporaryDirectory() as tmp:
             local = Path(tmp) / "segment.sqlite"
             try:
-                local.write_bytes(segment.read_bytes())
+                local.write_bytes(read_whole(segment))  # a segment its run re-uploads meanwhile
             except FileNotFoundError:
                 return False  # compacted away by another run after we listed it
             with self._lock:
@@ -529,11 +530,6 @@ class ResultCache:
 
 def _as_upath(root: str | Path | UPath) -> UPath:
     return root if isinstance(root, UPath) else UPath(str(root))
-
-
-def _read_bytes(path: UPath) -> bytes:
-    # One GET on S3: a path's info may come from a directory listing cached before it existed.
-    return path.read_bytes() if is_local(path) else path.fs.cat_file(path.path)
 
 
 def claim_or_wait(cache: ResultCache | None, key: str, compute: Callable[[], Computed[T]]

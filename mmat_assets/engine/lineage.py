@@ -20,6 +20,7 @@ import polars as pl
 
 from mmat_assets.engine.tables import (STAGE_TABLES, LineageError, Tables, local_path, model_ids_file,
                                        provenance, read_sample_ids, stamps, tables_for)
+from mmat_assets.engine.leases import read_whole
 from mmat_assets.toolkit.export import is_non_commercial
 from mmat_assets.versions import frame_version
 
@@ -132,8 +133,7 @@ def _asset_chain(tables: Tables, shard: str, rows: Mapping[str, pl.DataFrame],
         path = tables.tables / f"{asset}.parquet"
         current = None
         if path.exists():
-            with path.open("rb") as f:
-                current = frame_version(pl.read_parquet(f))
+            current = frame_version(pl.read_parquet(read_whole(path)))
         chain.append({"asset": asset, "partition": None, "code_version": code.get(asset), "data_version": current,
                       "recorded_data_version": recorded[asset], "changed_since": recorded[asset] != current})
     for asset in STAGE_TABLES:

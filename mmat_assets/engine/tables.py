@@ -18,6 +18,8 @@ from typing import Any
 import polars as pl
 from upath import UPath
 
+from mmat_assets.engine.leases import read_whole
+
 #: Stage tables in the order a sample passes through them (partitioned by shard).
 STAGE_TABLES = ("foundation_samples", "rationales", "reflections", "rr_samples", "orr_samples")
 #: The ids of the samples an export (or a tuned model) holds, beside its files.
@@ -50,16 +52,14 @@ class Tables:
     def shard(self, asset: str, shard: str) -> pl.DataFrame:
         key = (asset, shard)
         if key not in self._cache:
-            with (self.tables / asset / f"{shard}.parquet").open("rb") as f:
-                self._cache[key] = pl.read_parquet(f)
+            self._cache[key] = pl.read_parquet(read_whole(self.tables / asset / f"{shard}.parquet"))
         return self._cache[key]
 
     def ids(self, asset: str, shard: str) -> pl.DataFrame:
         """Only the ``sample_id`` column of one shard (cheap to scan every shard)."""
         if (asset, shard) in self._cache:
             return self._cache[(asset, shard)].select("sample_id")
-        with (self.tables / asset / f"{shard}.parquet").open("rb") as f:
-            return pl.read_parquet(f, columns=["sample_id"])
+        return pl.read_parquet(read_whole(self.tables / asset / f"{shard}.parquet"), columns=["sample_id"])
 
     def all(self, asset: str, columns: list[str] | None = None) -> pl.DataFrame:
         """Every shard of ``asset`` as one table (only ``columns`` when given)."""
@@ -68,13 +68,12 @@ class Tables:
             if columns is None:
                 frames.append(self.shard(asset, shard))
             else:
-                with (self.tables / asset / f"{shard}.parquet").open("rb") as f:
-                    frames.append(pl.read_parquet(f, columns=columns))
+                frames.append(pl.read_parquet(read_whole(self.tables / asset / f"{shard}.parquet"), columns=columns))
         return pl.concat(frames, how="vertical_relaxed") if frames else pl.DataFrame()
 
     def json(self, *key: str) -> dict[str, Any] | None:
         path = self.tables.joinpath(*key[:-1], f"{key[-1]}.json")
-        return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+        return json.loads(read_whole(path).decode("utf-8")) if path.exists() else None
 
     def exports(self) -> dict[str, dict[str, Any]]:
         d = self.tables / "exports"
