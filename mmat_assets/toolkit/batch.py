@@ -434,8 +434,8 @@ def batch_progress_under(folder: Any, since: float = 0.0) -> BatchProgress:
         try:
             noted = json.loads((shard / f"{STATUS_FILE}.status.json").read_text(encoding="utf-8"))
             batches = noted["batches"].values()
-        except (FileNotFoundError, ValueError, KeyError, AttributeError, TypeError):
-            continue
+        except (OSError, ValueError, KeyError, AttributeError, TypeError):
+            continue  # not noted yet, or replaced as it was read: the next refresh shows it
         for b in batches:
             if not isinstance(b, dict) or float(b.get("updated") or 0) < since:
                 continue
