@@ -21,9 +21,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from mmat_assets import protocol
 from mmat_assets.contracts import Exporter
 from mmat_assets.hookspecs import Register, hookimpl
+from mmat_assets.protocol import CONTINUE, REFLECT
 from mmat_assets.toolkit.export import Record, write_indexed_formats
 
 #: The LLaMA-Factory template that renders a conversation as the offline student's ChatML does.
@@ -54,7 +54,7 @@ DATASET_INFO = {
 def _role(message: Mapping[str, str]) -> str:
     if message["role"] == "assistant":
         return "gpt"
-    feedback = message["content"].endswith((protocol.CONTINUE, protocol.REFLECT))
+    feedback = message["content"].endswith((CONTINUE, REFLECT))
     return "observation" if feedback else "human"
 
 
