@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
+import polars as pl
 import pytest
 
 from mmat_assets import protocol
@@ -93,7 +94,7 @@ def test_the_report_shows_every_variant_with_intervals() -> None:
 N_PROBLEMS, HELDOUT = 8, 2
 
 
-def _tiny_project(tmp: Path) -> Path:
+def _tiny_project(tmp: Path, max_length: int = 1024) -> Path:
     from tests.conftest import TABMWP, write_project
 
     problems = dict(list(json.loads((TABMWP / "problems.json").read_text()).items())[:N_PROBLEMS])
@@ -105,7 +106,7 @@ def _tiny_project(tmp: Path) -> Path:
     return write_project(
         tmp, {"tabmwp": {"plugin": "tabmwp", "options": {"path": "tabmwp"}}}, shards=1,
         tools={"label_bbox": {"enabled": False}},
-        export={"exporters": ["ms_swift"], "formats": ["rr", "orr"], "max_length": 1024},
+        export={"exporters": ["ms_swift"], "formats": ["rr", "orr"], "max_length": max_length},
         training={"options": {"max_steps": 1, "cpu_threads": 1, "max_length": 1024}},
         evaluation={"benchmarks": {"heldout": {"plugin": "tabmwp_eval", "options": {"path": "tabmwp"}}},
                     "modes": ["rr"], "max_steps": 2, "batch_size": 2, "token_cap": 24},
@@ -141,3 +142,26 @@ def test_a_tiny_matrix_materializes_and_reports_every_variant(tmp_path: Path) ->
         assert model["steps"] == 1 and model["generation_limits"]["step_tokens"] >= 0
     evals = json.loads((tables / "ablation" / "evals" / "rr" / "s3" / "rr.json").read_text())
     assert {r["item_id"] for r in evals["results"]} == held
+
+
+@pytest.mark.slow
+def test_a_variant_keeps_out_the_records_the_trainer_could_not_take_whole(tmp_path: Path) -> None:
+    """A variant's training file is pre-flighted as an export is: a dialogue longer than the
+    student's max length is rejected with its reason, not left to stop the training."""
+    from mmat_assets.assets import build_definitions
+    from mmat_assets.config import load_config
+    from tests.built_project import materialize
+
+    cfg = load_config(_tiny_project(tmp_path, max_length=400))
+    defs = build_definitions(cfg, "local")
+    (tmp_path / "dagster_home").mkdir()
+    instance = dg.DagsterInstance.local_temp(str(tmp_path / "dagster_home"))
+    materialize(defs, instance, ["+key:\"ablation/data/rr\""])
+    tables = Path(cfg.profile_root("local")) / "tables"
+    data = json.loads((tables / "ablation" / "data" / "rr.json").read_text())
+    rr_rows = sum(pl.read_parquet(f).height for f in (tables / "rr_samples").glob("*.parquet"))
+    assert data["rejected"] >= 1
+    assert data["rows"] + data["rejected"] + data["heldout_excluded"] + data["no_dialogue"] == rr_rows
+    out = Path(data["files"]["rr"]).parent
+    rejected = [json.loads(ln) for ln in (out / "rejected.jsonl").read_text().splitlines()]
+    assert len(rejected) == data["rejected"] and {r["reason"] for r in rejected} == {"truncated"}

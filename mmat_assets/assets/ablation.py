@@ -20,7 +20,7 @@ import polars as pl
 
 from mmat_assets import __version__
 from mmat_assets.assets._shared import tool_keys
-from mmat_assets.assets.export import configured_trainer
+from mmat_assets.assets.export import configured_trainer, encoder_for
 from mmat_assets.assets.training import _link_train_file, _local, _responder, training_options
 from mmat_assets.config import AblationConfig, ProjectConfig
 from mmat_assets.engine import ablation as ab
@@ -57,11 +57,14 @@ def split_asset(cfg: ProjectConfig, registry: Registry, a: AblationConfig) -> dg
 
 def data_asset(cfg: ProjectConfig, registry: Registry, variant: str) -> dg.AssetsDefinition:
     @dg.asset(key=["ablation", "data", variant], group_name=GROUP, io_manager_key="json_io_manager",
-              code_version="1", kinds={"json"},
-              ins={"rr": dg.AssetIn("rr_samples"), "orr": dg.AssetIn("orr_samples"), "split": dg.AssetIn(SPLIT)},
-              description=f"Training data of the {variant!r} variant, held-out problems left out.")
+              code_version="2", kinds={"json"},
+              ins={"rr": dg.AssetIn("rr_samples"), "orr": dg.AssetIn("orr_samples"), "split": dg.AssetIn(SPLIT),
+                   "student": dg.AssetIn("student_base")},
+              description=f"Training data of the {variant!r} variant, held-out problems left out, "
+                          "pre-flighted against the student's template as the exports are.")
     def _asset(context: dg.AssetExecutionContext, storage: StorageResource, rr: dict[str, pl.DataFrame],
-               orr: dict[str, pl.DataFrame], split: dict[str, Any]) -> dg.Output[dict[str, Any]]:
+               orr: dict[str, pl.DataFrame], split: dict[str, Any],
+               student: dict[str, Any]) -> dg.Output[dict[str, Any]]:
         rr_df, orr_df = stages.concat_shards(rr), stages.concat_shards(orr)
         held = set(split["heldout"])
         orr_turns = {r["sample_id"]: r["turns"] for r in orr_df.iter_rows(named=True)} if orr_df.height else {}
@@ -77,14 +80,20 @@ def data_asset(cfg: ProjectConfig, registry: Registry, variant: str) -> dg.Asset
                 without += 1
                 continue
             records.append(ex.to_record({**row, "turns": turns, "format": fmt}, media.local_path))
+        # a variant's dialogue is not the exported one (folded, stripped): the trainer must see
+        # only records it takes whole, or the training stops at the first one it cannot encode
+        records, rejected = ex.preflight(records, encoder_for(cfg, registry, student.get("path")))
         out = _local(storage, "ablation", "data", variant)
         version = ex.export_version(f"ablation-{variant}", "1", {fmt: records}, {})
         exporter = registry.create("exporter", cfg.training.exporter, base_dir=cfg.base_dir)
         files = exporter.export({fmt: records}, out, {"data_version": version})
+        ex.write_jsonl(out / "rejected.jsonl", (r.__dict__ for r in rejected))
         manifest = {"variant": variant, "format": fmt, "files": files, "rows": len(records),
-                    "heldout_excluded": excluded, "no_dialogue": without, "data_version": version}
+                    "heldout_excluded": excluded, "no_dialogue": without, "rejected": len(rejected),
+                    "data_version": version}
         return dg.Output(manifest, data_version=dg.DataVersion(version), metadata={
-            "rows": len(records), "heldout_excluded": excluded, "no_dialogue": without, "path": str(out)})
+            "rows": len(records), "heldout_excluded": excluded, "no_dialogue": without,
+            "rejected": len(rejected), "path": str(out)})
 
     return _asset
 
