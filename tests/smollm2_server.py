@@ -12,8 +12,8 @@ Usage from a test::
 
 From a shell (CI can convert ahead of the tests)::
 
-    python tests/smollm2_server.py convert [DEST]
-    python tests/smollm2_server.py serve
+    python -m tests.smollm2_server convert [DEST]
+    python -m tests.smollm2_server serve
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ from typing import Any
 from tests.served_process import S, ServedProcess, tail_lines
 
 CACHE_ENV = "MMAT_SMOLLM2_HF"
+#: The project root: the child runs this module from there, as ``tests.smollm2_server``.
+REPO = Path(__file__).resolve().parents[1]
 #: Written last by a conversion, so a half-written folder is never mistaken for a cache hit.
 DONE_MARKER = ".converted"
 
@@ -61,6 +63,12 @@ def is_converted(folder: Path) -> bool:
     return (folder / DONE_MARKER).is_file() and (folder / "config.json").is_file()
 
 
+def child_command(*args: str) -> list[str]:
+    """This module as a child process. By module name from the project root, not by file path:
+    run as a file, its ``tests.`` imports would not resolve (the root is not on the path)."""
+    return [sys.executable, "-m", "tests.smollm2_server", *args]
+
+
 def convert(dest: Path | None = None, timeout_s: float = 900) -> Path:
     """Convert the GGUF into an HF folder at ``dest`` once; later calls return the cache.
 
@@ -70,8 +78,8 @@ def convert(dest: Path | None = None, timeout_s: float = 900) -> Path:
     if is_converted(dest):
         return dest
     gguf_path()  # fail early with a clear message when the wheel is missing
-    proc = subprocess.run([sys.executable, __file__, "convert", str(dest)], capture_output=True,
-                          text=True, timeout=timeout_s)
+    proc = subprocess.run(child_command("convert", str(dest)), capture_output=True, text=True,
+                          timeout=timeout_s, cwd=REPO)
     if proc.returncode != 0 or not is_converted(dest):
         raise RuntimeError(f"SmolLM2 conversion failed (rc={proc.returncode}):\n"
                            f"{_tail(proc.stdout + proc.stderr)}")
