@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -218,7 +221,9 @@ def build(
     before anything runs, a plugin that failed to load (any plugin: leave it out with
     MMAT_BLOCK_PLUGINS) or an upstream asset the selection reads but that was never
     materialized; 2 for a --select that does not parse or matches nothing, or a bad config;
-    3 when the budget (--budget, stages.budget_usd) stopped it with nothing else failed.
+    3 when the budget (--budget, stages.budget_usd) stopped it with nothing else failed;
+    130 after Ctrl-C and 143 after SIGTERM: the runs in flight, workers' too, are interrupted,
+    and a rerun resumes what is missing.
     An error that stops a build before it starts is one line on stderr (with --json, also a
     JSON object with "error" on stdout).
     """
@@ -235,11 +240,19 @@ def build(
         backfill_id = follow or (_submit(prepared, config, as_json) if launch else None)
     except BuildError as exc:
         _stop(exc, as_json)
-    with BuildProgress(console, enabled=not as_json) as progress:
-        if backfill_id is None:
-            summary = prepared.run(progress, workers or os.cpu_count() or 1)
-        else:
-            summary = _follow(prepared, backfill_id, progress, as_json)
+    stopped_by: list[str] = []
+    try:
+        with _sigterm_as_interrupt(stopped_by), BuildProgress(console, enabled=not as_json) as progress:
+            if backfill_id is None:
+                summary = prepared.run(progress, workers or os.cpu_count() or 1)
+            else:
+                summary = _follow(prepared, backfill_id, progress, as_json)
+    except KeyboardInterrupt:
+        by = stopped_by[0] if stopped_by else "Ctrl-C"
+        err_console.print(f"stopped by {by}: the runs in flight were interrupted and no new one started; "
+                          "`mmat build` again resumes what is missing (answers already received are in the cache)",
+                          soft_wrap=True)
+        raise typer.Exit(code=143 if stopped_by else 130) from None
     summary["seconds"] = round(time.time() - started, 1)
     if as_json:
         print(json.dumps(summary, indent=2))
@@ -254,6 +267,22 @@ def build(
                           "(status budget_exhausted); raise --budget / stages.budget_usd and rerun to resume",
                           soft_wrap=True)
         raise typer.Exit(code=BUDGET_EXIT_CODE)
+
+
+@contextmanager
+def _sigterm_as_interrupt(stopped_by: list[str]) -> Iterator[None]:
+    """SIGTERM (``kill``, a service manager, a CI timeout) stops a build the way Ctrl-C does:
+    runs end as interrupted and worker processes stop, instead of the process vanishing and
+    leaving its workers to go on sending requests. The name of the signal goes to ``stopped_by``."""
+    def on_term(signum: int, frame: Any) -> None:
+        stopped_by.append("SIGTERM")
+        os.kill(os.getpid(), signal.SIGINT)  # Dagster's own interrupt handling, where it has one
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _stop(exc: Exception, as_json: bool) -> NoReturn:

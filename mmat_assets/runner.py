@@ -21,7 +21,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 import multiprocessing
+import os
 import re
+import signal
 import threading
 import time
 import warnings
@@ -404,9 +406,41 @@ def execute(defs: dg.Definitions, keys: list[dg.AssetKey], part: str | None,
 _WORKER: dict[str, Any] = {}
 
 
+#: How long interrupted workers get to end their runs (Dagster marks them failed, leases are
+#: released) before they are killed; a killed holder's leases are taken over at once.
+WORKER_STOP_S = 20.0
+
+
 def _start_worker(config: str, profile: str) -> None:
     _WORKER["defs"] = _definitions(Path(config), profile)[0]
     _WORKER["instance"] = dg.DagsterInstance.get()  # $DAGSTER_HOME, passed on by the parent
+    threading.Thread(target=_stop_with_parent, args=(os.getppid(),), name="mmat-parent-watch",
+                     daemon=True).start()
+
+
+def _stop_with_parent(parent: int, every_s: float = 0.5) -> None:
+    """A worker whose build process is gone (killed, or ended without stopping it) interrupts
+    its own run, as Ctrl-C would, and exits: it must not go on sending paid requests."""
+    while os.getppid() == parent:
+        time.sleep(every_s)
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(WORKER_STOP_S)
+    os._exit(130)
+
+
+def stop_workers(processes: Sequence[Any], grace_s: float = WORKER_STOP_S) -> None:
+    """Interrupt worker ``processes`` (SIGINT: Dagster ends their runs as failed), wait up to
+    ``grace_s`` for them to exit, then kill the rest."""
+    for proc in processes:
+        if proc.is_alive() and proc.pid:
+            os.kill(proc.pid, signal.SIGINT)
+    deadline = time.monotonic() + grace_s
+    for proc in processes:
+        proc.join(max(0.0, deadline - time.monotonic()))
+    for proc in processes:
+        if proc.is_alive():
+            proc.kill()
+            proc.join(5)
 
 
 def _execute_in_worker(keys: list[dg.AssetKey], part: str | None) -> RunRecord:
@@ -570,6 +604,13 @@ class PreparedBuild:
         try:
             for sl in self.slices:
                 build.run_slice(sl.keys, sl.partitions)
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (see mmat_assets.cli): the workers stop too
+            if pool is not None:
+                processes = list((getattr(pool, "_processes", None) or {}).values())
+                pool.shutdown(wait=False, cancel_futures=True)
+                stop_workers(processes)
+                pool = None
+            raise
         finally:
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)

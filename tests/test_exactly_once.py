@@ -87,14 +87,23 @@ class Recorder:
     followups: int = 0
     pid: int = 0
     killed: bool = False
+    #: at this many second steps, ``term_signal`` to the build's own process only (not its group)
+    term_at: int | None = None
+    term_signal: int = signal.SIGTERM
+    arrived: list[float] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __call__(self, index: int, body: dict[str, Any]) -> bool:
         with self.lock:
             self.arrivals[ref(body)] += 1
+            self.arrived.append(time.monotonic())
             # A second step's request proves its sample's first answer is stored (whatever
             # the number of workers): count those.
             self.followups += any(m["role"] == "assistant" for m in body["messages"])
+            if self.term_at is not None and self.followups >= self.term_at and self.pid:
+                os.kill(self.pid, self.term_signal)  # as `kill PID`, a service manager or a timeout sends it
+                self.pid, self.term_at = 0, None
+                return False
             if self.kill_at is None or self.followups < self.kill_at or not self.pid:
                 return False
             # mid-shard, with this request and others in flight: the build and its worker processes
@@ -127,7 +136,8 @@ class Project:
         shutil.rmtree(self.store, ignore_errors=True)
         self.recorder.phase()
 
-    def start(self, tag: str, profile: str = "local", env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    def start(self, tag: str, profile: str = "local", env: dict[str, str] | None = None,
+              args: tuple[str, ...] = ()) -> subprocess.Popen[str]:
         """A build process with its own temporary directory; the Dagster home is shared and
         not created yet (each scenario gets a fresh one named after it)."""
         tmp = self.base / "tmp" / tag
@@ -135,7 +145,7 @@ class Project:
         env = {**os.environ, "DAGSTER_HOME": str(self.base / "homes" / tag.split("-")[0]), "TMPDIR": str(tmp),
                "COLUMNS": "200", **(env or {})}
         return subprocess.Popen([MMAT, "build", "--config", str(self.config), "--select", SELECT, "--profile", profile,
-                                 "--json"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 "--json", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 start_new_session=True)  # its own process group: a kill takes its workers too
 
 
@@ -296,6 +306,49 @@ def test_a_killed_build_is_taken_over_without_repeating_answers(project: Project
     assert set(before) | set(after) == set(reference.requests)  # the rest: sent by the rerun
     assert set(after.values()) == {1}
     assert not list(project.store.rglob("*.lease"))  # the dead holder's leases were taken over and released
+    assert_same_outputs(reference, project.store)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_a_stopped_build_stops_its_workers_and_the_rerun_resumes(project: Project, reference: Reference,
+                                                                 sig: int) -> None:
+    # SIGTERM is handled: the build interrupts its workers and waits for them. SIGKILL cannot
+    # be: each worker sees its parent gone within half a second and interrupts itself.
+    project.wipe()
+    project.recorder.term_at, project.recorder.term_signal = 3, sig  # mid-shard, both workers with requests to send
+    tag = signal.Signals(sig).name.lower()
+    proc = project.start(tag, args=("--workers", "2"))
+    project.recorder.pid = proc.pid
+    exit_time: list[float] = []
+
+    def watch() -> None:  # when the build's own process ends (its pipes may stay open longer)
+        while proc.poll() is None:
+            time.sleep(0.02)
+        exit_time.append(time.monotonic())
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    rc, _, log = finish(proc)
+    watcher.join(10)
+    exited = exit_time[0] + (0 if sig == signal.SIGTERM else 1.0)  # the workers' watch: every 0.5 s
+    if sig == signal.SIGTERM:
+        assert rc == 143, log  # 128 + SIGTERM, as the shell reports a terminated command
+        assert "stopped by SIGTERM" in log and "Traceback" not in log, log
+    else:
+        assert rc == -signal.SIGKILL, log
+    time.sleep(3 * LATENCY_S + 2)  # a request a stray worker was about to send would arrive by now
+    with project.recorder.lock:
+        late = [t for t in project.recorder.arrived if t > exited]
+    assert not late, f"{len(late)} request(s) reached the teacher after the build had exited"
+    with pytest.raises(ProcessLookupError):
+        os.killpg(proc.pid, 0)  # no process of the build's group is left
+    before, stored = project.recorder.phase(), answered_refs(project.store)
+
+    rc, summary, log = finish(project.start(f"{tag}-rerun"))
+    assert rc == 0 and summary.get("failed") == 0, log
+    after = project.recorder.phase()
+    assert not stored & set(after)  # what the stopped build had stored is not asked again
+    assert set(before) | set(after) == set(reference.requests)
     assert_same_outputs(reference, project.store)
 
 
