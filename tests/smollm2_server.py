@@ -63,10 +63,11 @@ def is_converted(folder: Path) -> bool:
     return (folder / DONE_MARKER).is_file() and (folder / "config.json").is_file()
 
 
-def child_command(*args: str) -> list[str]:
+def run_child(*args: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
     """This module as a child process. By module name from the project root, not by file path:
     run as a file, its ``tests.`` imports would not resolve (the root is not on the path)."""
-    return [sys.executable, "-m", "tests.smollm2_server", *args]
+    return subprocess.run([sys.executable, "-m", "tests.smollm2_server", *args], capture_output=True,
+                          text=True, timeout=timeout_s, cwd=REPO)
 
 
 def convert(dest: Path | None = None, timeout_s: float = 900) -> Path:
@@ -78,8 +79,7 @@ def convert(dest: Path | None = None, timeout_s: float = 900) -> Path:
     if is_converted(dest):
         return dest
     gguf_path()  # fail early with a clear message when the wheel is missing
-    proc = subprocess.run(child_command("convert", str(dest)), capture_output=True, text=True,
-                          timeout=timeout_s, cwd=REPO)
+    proc = run_child("convert", str(dest), timeout_s=timeout_s)
     if proc.returncode != 0 or not is_converted(dest):
         raise RuntimeError(f"SmolLM2 conversion failed (rc={proc.returncode}):\n"
                            f"{_tail(proc.stdout + proc.stderr)}")

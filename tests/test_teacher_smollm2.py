@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import pytest
 
 from mmat_assets.contracts import TeacherError, TeacherRequest
 from mmat_plugins.teachers_openai import OpenAITeacher
-from tests.smollm2_server import DONE_MARKER, REPO, SmolLM2Server, child_command, server_or_skip
+from tests.smollm2_server import DONE_MARKER, SmolLM2Server, run_child, server_or_skip
 
 pytestmark = pytest.mark.slow
 
@@ -80,6 +79,6 @@ def test_a_server_that_cannot_start_fails_with_its_log(tmp_path: Path) -> None:
 def test_the_converter_child_starts_on_a_machine_with_no_cached_folder() -> None:
     # On a fresh machine the first test to need the model converts it in this child process;
     # run as a file path, it died at its own `from tests.` import and took 31 tests with it.
-    out = subprocess.run(child_command(), cwd=REPO, capture_output=True, text=True, timeout=120)
+    out = run_child()  # exactly as convert() starts it
     assert out.returncode == 2, out.stderr[-2000:]  # no subcommand: the usage, from a module that imported
     assert "python -m tests.smollm2_server convert" in out.stdout
