@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -273,16 +274,39 @@ def build(
 def _sigterm_as_interrupt(stopped_by: list[str]) -> Iterator[None]:
     """SIGTERM (``kill``, a service manager, a CI timeout) stops a build the way Ctrl-C does:
     runs end as interrupted and worker processes stop, instead of the process vanishing and
-    leaving its workers to go on sending requests. The name of the signal goes to ``stopped_by``."""
+    leaving its workers to go on sending requests. The name of the signal goes to ``stopped_by``.
+
+    A step run in this process swaps the handlers (Dagster maps SIGTERM to its own SIGINT
+    handler while a step runs, and leaves Python's behind): the signal numbers the interpreter
+    writes to its wakeup socket still say which signal it was."""
     def on_term(signum: int, frame: Any) -> None:
         stopped_by.append("SIGTERM")
         os.kill(os.getpid(), signal.SIGINT)  # Dagster's own interrupt handling, where it has one
 
+    reader, writer = socket.socketpair()
+    for end in (reader, writer):
+        end.setblocking(False)
+    previous_fd = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
     previous = signal.signal(signal.SIGTERM, on_term)
     try:
         yield
+    except KeyboardInterrupt:
+        if not stopped_by and signal.SIGTERM in _signals_received(reader):
+            stopped_by.append("SIGTERM")
+        raise
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.set_wakeup_fd(previous_fd)
+        reader.close()
+        writer.close()
+
+
+def _signals_received(reader: socket.socket) -> set[int]:
+    got: set[int] = set()
+    with suppress(BlockingIOError):
+        while chunk := reader.recv(4096):
+            got.update(chunk)
+    return got
 
 
 def _stop(exc: Exception, as_json: bool) -> NoReturn:

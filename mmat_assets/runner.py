@@ -51,6 +51,8 @@ EXAMPLES = ('group:export', 'key:"exports/*"', "'*dialogue_files' (it and everyt
             "'group:foundation or key:rationales'")
 #: Errors after which every further run would fail the same way: the build stops at the first.
 FATAL_ERRORS = {"TeacherRejected"}
+#: The error Dagster puts on a step that Ctrl-C (or SIGTERM, see mmat_assets.cli) stopped.
+INTERRUPTED = "DagsterExecutionInterruptedError"
 #: Errors whose message is written for a person (dg.Failure's description, ours).
 PLAIN_ERRORS = {"Failure", *FATAL_ERRORS}
 #: Row counts the stage assets write in their metadata, beside dagster/row_count: a source's
@@ -326,11 +328,20 @@ def _root_cause(err: Any) -> str:
 
 def _is_fatal(err: Any) -> bool:
     """Whether the error, or one it wraps, is one that every further run would repeat."""
+    return _wraps(err, FATAL_ERRORS)
+
+
+def _wraps(err: Any, names: set[str]) -> bool:
     while err is not None:
-        if getattr(err, "cls_name", None) in FATAL_ERRORS:
+        if getattr(err, "cls_name", None) in names:
             return True
         err = getattr(err, "cause", None)
     return False
+
+
+def _interrupted(events: Sequence[Any]) -> bool:
+    """Whether a step of the run was stopped by an interrupt rather than by its own error."""
+    return any(_wraps(ev.step_failure_data.error, {INTERRUPTED}) for ev in events if ev.is_step_failure)
 
 
 def _notes(events: Sequence[Any]) -> list[str]:
@@ -370,6 +381,8 @@ class RunRecord:
     checks: list[tuple[str, bool]] = field(default_factory=list)
     #: partitions written per asset (a batched run writes several)
     materialized: dict[str, int] = field(default_factory=dict)
+    #: a step was interrupted (Ctrl-C, SIGTERM): the build stops as interrupted, not as failed
+    interrupted: bool = False
 
     @classmethod
     def of(cls, events: Sequence[Any]) -> RunRecord:
@@ -377,7 +390,8 @@ class RunRecord:
         written: dict[str, int] = {}
         for mat in _materializations(events):
             written[mat.asset_key.to_user_string()] = written.get(mat.asset_key.to_user_string(), 0) + 1
-        return cls(_counts(events), _failures(events), _notes(events), _failed_checks(events), written)
+        return cls(_counts(events), _failures(events), _notes(events), _failed_checks(events), written,
+                   _interrupted(events))
 
     @property
     def rows(self) -> int:
@@ -763,6 +777,8 @@ class _Build:
             self._skip_run(keys, part, report=True)
             return
         record = execute(self.defs, keys, part, self.instance)
+        if record.interrupted:  # Dagster caught the interrupt inside the step: pass it on as one
+            raise KeyboardInterrupt
         self.runs += 1
         self._tally(record, keys, part)
         self.progress.step(_label(keys, part), record.rows, bool(record.failures), record.accepted)

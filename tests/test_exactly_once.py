@@ -309,15 +309,18 @@ def test_a_killed_build_is_taken_over_without_repeating_answers(project: Project
     assert_same_outputs(reference, project.store)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+@pytest.mark.parametrize(("sig", "workers"), [(signal.SIGTERM, 2), (signal.SIGKILL, 2), (signal.SIGTERM, 1)],
+                         ids=["SIGTERM", "SIGKILL", "SIGTERM-in-process"])
 def test_a_stopped_build_stops_its_workers_and_the_rerun_resumes(project: Project, reference: Reference,
-                                                                 sig: int) -> None:
+                                                                 sig: int, workers: int) -> None:
     # SIGTERM is handled: the build interrupts its workers and waits for them. SIGKILL cannot
-    # be: each worker sees its parent gone within half a second and interrupts itself.
+    # be: each worker sees its parent gone within half a second and interrupts itself. With
+    # one process the interrupt lands inside a Dagster step, which catches it: still a stop
+    # (143), not a failed step (1).
     project.wipe()
-    project.recorder.term_at, project.recorder.term_signal = 3, sig  # mid-shard, both workers with requests to send
-    tag = signal.Signals(sig).name.lower()
-    proc = project.start(tag, args=("--workers", "2"))
+    project.recorder.term_at, project.recorder.term_signal = 3, sig  # mid-shard, requests still to send
+    tag = f"{signal.Signals(sig).name.lower()}-{workers}"
+    proc = project.start(tag, args=("--workers", str(workers)))
     project.recorder.pid = proc.pid
     exit_time: list[float] = []
 
