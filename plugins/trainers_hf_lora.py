@@ -684,14 +684,22 @@ def load_student(name_or_path: str, trust_remote_code: bool = False, dtype: Any 
     return model, processor
 
 
-def load_tuned_student(checkpoint: Path, device: str | None = None) -> tuple[Any, Any]:
-    """Load a base student with a LoRA adapter from ``checkpoint`` applied (for evaluation)."""
+def load_tuned_student(checkpoint: Path, device: str | None = None, merge: bool = True) -> tuple[Any, Any]:
+    """Load a base student with a LoRA adapter from ``checkpoint`` applied (for evaluation).
+
+    ``merge`` folds the adapter into the base weights: the same function, without the
+    adapter's extra matrix products and module calls on every layer at every generated
+    token (``benchmarks/eval_generation.py`` measures the difference). ``merge=False``
+    keeps the ``PeftModel``, adapter separate.
+    """
     from peft import PeftConfig, PeftModel
     from transformers import AutoProcessor
 
     base_name = PeftConfig.from_pretrained(str(checkpoint)).base_model_name_or_path
     model, _ = load_student(str(base_name), device=device)
     model = PeftModel.from_pretrained(model, str(checkpoint))
+    if merge:
+        model = model.merge_and_unload()
     return model.eval(), AutoProcessor.from_pretrained(str(checkpoint))
 
 

@@ -129,17 +129,21 @@ def test_only_lora_weights_changed(run: tuple[CapturingTrainer, dict[str, Any], 
     assert all(torch.equal(trained[k].cpu(), original[k]) for k in original)
 
 
-def test_reloaded_adapter_gives_same_logits(run: tuple[CapturingTrainer, dict[str, Any], Path]) -> None:
+@pytest.mark.parametrize("merge", [True, False], ids=["merged", "adapter"])
+def test_reloaded_adapter_gives_same_logits(run: tuple[CapturingTrainer, dict[str, Any], Path], merge: bool) -> None:
     import torch
 
     trainer, metrics, export = run
-    reloaded, processor = hf.load_tuned_student(Path(metrics["checkpoint"]))
+    reloaded, processor = hf.load_tuned_student(Path(metrics["checkpoint"]), merge=merge)
+    assert any("lora_" in name for name, _ in reloaded.named_parameters()) is not merge
     record = json.loads((export / "train.jsonl").read_text(encoding="utf-8").splitlines()[0])
     batch = hf.model_inputs(hf.encode_record(processor, record, 512, image_root=export))
     with torch.no_grad():
         want = trainer.trained.eval()(**batch).logits
         got = reloaded(**batch).logits
-    assert torch.allclose(want, got, atol=1e-5)
+    # Folding the adapter into the weights reorders float sums: ~1e-4 on logits of ~30.
+    assert torch.allclose(want, got, atol=1e-3 if merge else 1e-5)
+    assert torch.equal(want.argmax(-1), got.argmax(-1))  # greedy decoding picks the same tokens
 
 
 def test_bad_record_stops_the_run_by_name(student_dir: Path, tmp_path: Path) -> None:
