@@ -94,7 +94,7 @@ def test_the_report_shows_every_variant_with_intervals() -> None:
 N_PROBLEMS, HELDOUT = 8, 2
 
 
-def _tiny_project(tmp: Path, max_length: int = 1024) -> Path:
+def _tiny_project(tmp: Path, max_length: int = 1024, batch_size: int = 2) -> Path:
     from tests.conftest import TABMWP, write_project
 
     problems = dict(list(json.loads((TABMWP / "problems.json").read_text()).items())[:N_PROBLEMS])
@@ -109,7 +109,7 @@ def _tiny_project(tmp: Path, max_length: int = 1024) -> Path:
         export={"exporters": ["ms_swift"], "formats": ["rr", "orr"], "max_length": max_length},
         training={"options": {"max_steps": 1, "cpu_threads": 1, "max_length": 1024}},
         evaluation={"benchmarks": {"heldout": {"plugin": "tabmwp_eval", "options": {"path": "tabmwp"}}},
-                    "modes": ["rr"], "max_steps": 2, "batch_size": 2, "token_cap": 24},
+                    "modes": ["rr"], "max_steps": 2, "batch_size": batch_size, "token_cap": 24},
         ablation={"benchmark": "heldout", "heldout": HELDOUT, "seeds": [3], "training": {"max_steps": 1}})
 
 
@@ -142,6 +142,80 @@ def test_a_tiny_matrix_materializes_and_reports_every_variant(tmp_path: Path) ->
         assert model["steps"] == 1 and model["generation_limits"]["step_tokens"] >= 0
     evals = json.loads((tables / "ablation" / "evals" / "rr" / "s3" / "rr.json").read_text())
     assert {r["item_id"] for r in evals["results"]} == held
+
+
+class _Stop(BaseException):
+    """A stop nothing in the harness catches, as an interrupt is not."""
+
+
+class _Watch:
+    """The untuned student, watched: the questions it is asked; it stops when ``stop_at`` is
+    first asked about."""
+
+    def __init__(self, inner: Any, stop_at: str | None) -> None:
+        self.inner, self.stop_at, self.asked = inner, stop_at, set()
+
+    def _see(self, prompts: Any) -> None:
+        asked = {msgs[1]["content"] for msgs, _ in prompts}
+        if self.stop_at is not None and any(self.stop_at in q for q in asked):
+            raise _Stop
+        self.asked |= asked
+
+    def __call__(self, msgs: Any, images: Any) -> str:
+        self._see([(msgs, images)])
+        return self.inner(msgs, images)
+
+    def generate_batch(self, prompts: Any, max_new_tokens: int) -> Any:
+        self._see(prompts)
+        return self.inner.generate_batch(prompts, max_new_tokens)
+
+
+@pytest.mark.slow
+def test_a_stopped_evaluation_asset_resumes_at_its_first_unfinished_batch(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """An evaluation keeps each finished batch; stopped in its second batch, the rerun asks the
+    student nothing about the first, and the finished asset leaves no partial file behind."""
+    from mmat_assets.assets import ablation as assets
+    from mmat_assets.assets import build_definitions
+    from mmat_assets.config import load_config
+    from mmat_assets.plugins import load_registry
+    from tests.built_project import materialize
+
+    cfg = load_config(_tiny_project(tmp_path, batch_size=1))
+    defs = build_definitions(cfg, "local")
+    (tmp_path / "dagster_home").mkdir()
+    instance = dg.DagsterInstance.local_temp(str(tmp_path / "dagster_home"))
+    cell = 'key:"ablation/evals/untuned/rr"'
+    materialize(defs, instance, [f"+{cell} and not {cell}"])
+    tables = Path(cfg.profile_root("local")) / "tables"
+    split = json.loads((tables / "ablation" / "split.json").read_text())
+    items = [i for i in assets._benchmark(cfg, load_registry(), cfg.ablation).items()
+             if i.item_id in set(split["heldout"])]
+    assert len(items) == 2 and items[0].question != items[1].question
+    watched: list[_Watch] = []
+    real = assets._responder
+
+    def responder(stop_at: str | None) -> Any:
+        def make(*args: Any) -> _Watch:
+            watched.append(_Watch(real(*args), stop_at))
+            return watched[-1]
+        return make
+
+    monkeypatch.setattr(assets, "_responder", responder(items[1].question))
+    stopped = dg.materialize([*defs.assets, *defs.asset_checks], instance=instance, resources=defs.resources,
+                             selection=[dg.AssetKey(["ablation", "evals", "untuned", "rr"])], raise_on_error=False)
+    assert not stopped.success
+    assert any("_Stop" in e.event_specific_data.error.to_string() for e in stopped.all_events if e.is_step_failure)
+    partial = list((Path(cfg.profile_root("local")) / "eval" / "partial").glob("*.jsonl"))
+    assert len(partial) == 1
+    assert [json.loads(ln)["item_id"] for ln in partial[0].read_text().splitlines()] == [items[0].item_id]
+    monkeypatch.setattr(assets, "_responder", responder(None))
+    materialize(defs, instance, [cell])
+    asked = watched[-1].asked
+    assert any(items[1].question in q for q in asked) and not any(items[0].question in q for q in asked)
+    out = json.loads((tables / "ablation" / "evals" / "untuned" / "rr.json").read_text())
+    assert [r["item_id"] for r in out["results"]] == [i.item_id for i in items]
+    assert not partial[0].exists()
 
 
 @pytest.mark.slow

@@ -141,6 +141,8 @@ def test_contract_only_exporter_and_benchmark_pass_a_build(plain_build: KitBuild
     report = json.loads((plain_build.root / "store" / "tables" / "evaluations" / "base" / "pb"
                          / "baseline.json").read_text())
     assert (report["items"], report["score"]) == (2, 50.0)  # the benchmark's own score: one of two right
+    partial = plain_build.root / "store" / "eval" / "partial"  # batches kept while it ran, gone once finished
+    assert partial.is_dir() and not list(partial.iterdir())
 
 
 def test_a_contract_only_trainer_trains_out_of_process_registry(plain_build: KitBuild, tmp_path: Path) -> None:

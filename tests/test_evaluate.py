@@ -170,6 +170,44 @@ def test_generations_are_batched_across_problems_with_the_limit_of_each_turn() -
     assert model.calls == [(4, 40), (4, 40), (4, 9), (1, 40), (1, 40), (1, 9)]
 
 
+class _Stop(BaseException):
+    """A stop the harness does not catch, as an interrupt is not."""
+
+
+class _StopsAt(Scripted):
+    """A scripted model that stops when it is first asked about ``question``."""
+
+    def __init__(self, scripts: dict[str, list[ev.Reply | str]], question: str) -> None:
+        super().__init__(scripts)
+        self.question = question
+
+    def generate_batch(self, prompts, max_new_tokens: int) -> list[ev.Reply]:
+        if any(self.question in msgs[1]["content"] for msgs, _ in prompts):
+            raise _Stop
+        return super().generate_batch(prompts, max_new_tokens)
+
+
+def test_a_stopped_evaluation_resumes_at_its_first_unfinished_batch(tmp_path: Path) -> None:
+    qs = [f"q{i}" for i in range(5)]
+    scripts: dict[str, list[ev.Reply | str]] = {q: [STEP_OCR, STEP_END, "17" if i % 2 else "12"]
+                                                for i, q in enumerate(qs)}
+    whole = _run(Scripted(scripts), _items(*qs), batch_size=2)
+    resume = tmp_path / "partial" / ev.resume_name({"items": qs})
+    h = ev.Harness({"ocr": EchoTool("a | 12\nb | 5")}, batch_size=2)
+    with pytest.raises(_Stop):  # stops in the second batch (q2, q3)
+        ev.evaluate(_StopsAt(scripts, "q3"), Exact(), _items(*qs), "rr", h, tmp_path, resume=resume)
+    assert [json.loads(ln)["item_id"] for ln in resume.read_text().splitlines()] == ["0", "1"]
+    with resume.open("a") as f:
+        f.write('{"item_id": "2", "predic')  # a torn append: its batch runs again
+    again = Scripted(scripts)
+    resumed = ev.evaluate(again, Exact(), _items(*qs), "rr", h, tmp_path, resume=resume)
+    assert set(again.seen) == {"q2", "q3", "q4"}  # nothing asked again about the finished batch
+    assert again.calls == [(2, 64), (2, 64), (2, 64), (1, 64), (1, 64), (1, 64)]  # the same batches
+    fields = [(r.item_id, r.prediction, r.score, r.steps, r.ended, r.tool_calls) for r in resumed]
+    assert fields == [(r.item_id, r.prediction, r.score, r.steps, r.ended, r.tool_calls) for r in whole]
+    assert ev.resume_name({"items": qs}) != ev.resume_name({"items": qs[::-1]})
+
+
 def test_step_limits_come_from_the_training_steps_p99() -> None:
     rr = [[{"role": "user", "content": "q"}, {"role": "assistant", "content": "x" * n},
            {"role": "user", "content": "s"}, {"role": "assistant", "content": "17"}] for n in range(1, 201)]

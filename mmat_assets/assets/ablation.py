@@ -21,7 +21,7 @@ import polars as pl
 from mmat_assets import __version__
 from mmat_assets.assets._shared import tool_keys
 from mmat_assets.assets.export import configured_trainer, encoder_for
-from mmat_assets.assets.training import _link_train_file, _local, _responder, training_options
+from mmat_assets.assets.training import _link_train_file, _local, _responder, resume_file, training_options
 from mmat_assets.config import AblationConfig, ProjectConfig
 from mmat_assets.engine import ablation as ab
 from mmat_assets.engine import evaluate as ev
@@ -166,9 +166,11 @@ def eval_asset(cfg: ProjectConfig, registry: Registry, a: AblationConfig, varian
         harness = ev.Harness(available_tools(registry, cfg), None, tuple(e.orr_tools), e.max_steps,
                              limits=ev.Limits.of(recorded, e.max_new_tokens, e.token_cap), batch_size=e.batch_size)
         respond = _responder(configured_trainer(cfg, registry), inputs["student"], model, e.max_new_tokens)
+        resume = resume_file(storage, cfg, key, mode, inputs["student"], model, harness, items)
         results = ev.evaluate(respond, _benchmark(cfg, registry, a), items, mode, harness,
                               _local(storage, "eval", "images"),
-                              lambda n: context.log.info(f"{'/'.join(key)}: {n}/{len(items)}"))
+                              lambda n: context.log.info(f"{'/'.join(key)}: {n}/{len(items)}"), resume=resume)
+        resume.unlink(missing_ok=True)  # every batch is in the output now
         out = {"variant": variant, "seed": seed if trained else UNTUNED_SEED, "mode": mode, **ev.summary(results),
                "limits": harness.limits.__dict__, "results": [r.__dict__ for r in results],
                "tokens_per_s": (model or {}).get("tokens_per_s"), "train_steps": (model or {}).get("steps")}

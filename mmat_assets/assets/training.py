@@ -138,6 +138,28 @@ def _responder(trainer: Trainer, student: dict[str, Any], tuned: dict[str, Any] 
     return trainer.responder(student["path"], checkpoint, max_new_tokens)
 
 
+def resume_file(storage: StorageResource, cfg: ProjectConfig, key: list[str], mode: str, student: dict[str, Any],
+                tuned: dict[str, Any] | None, harness: ev.Harness, items: list[Any]) -> Path:
+    """Where an evaluation keeps its finished batches, named by what decides them: the asset,
+    the student and the tuned weights (their bytes), the mode, the harness (each tool's class,
+    version and options; limits, step cap, batch size) and the items in order. A stopped evaluation
+    resumes from it; anything different starts a new file."""
+    weights = Path(str((tuned or {}).get("checkpoint", "")))
+    parts = {"asset": key, "mode": mode, "student": student.get("path"),
+             "tuned": _without_timing(tuned) if tuned else None,
+             "weights": tree_version(weights) if tuned and weights.is_dir() else None,
+             "tools": {n: [f"{type(t).__module__}.{type(t).__qualname__}", str(getattr(t, "version", "")),
+                           cfg.tools[n].model_dump(mode="json") if n in cfg.tools else None]
+                       for n, t in sorted(harness.tools.items())},
+             "limits": harness.limits.__dict__, "orr_tools": list(harness.orr_tools), "max_steps": harness.max_steps,
+             "batch_size": harness.batch_size, "items": [i.item_id for i in items]}
+    return _local(storage, "eval", "partial", ev.resume_name(parts))
+
+
+def _without_timing(doc: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in doc.items() if k not in TIMING_KEYS}
+
+
 def _training_ids(export: dict[str, Any] | None) -> set[str]:
     if not export:
         return set()
@@ -175,8 +197,15 @@ def eval_asset(cfg: ProjectConfig, registry: Registry, model: str, bench: str, m
                              batch_size=e.batch_size)
         respond = _responder(configured_trainer(cfg, registry), inputs["student"], inputs.get("tuned"),
                              e.max_new_tokens)
-        results = ev.evaluate(respond, benchmark, items, mode, harness, _local(storage, "eval", "images"),
-                              lambda n: context.log.info(f"{model}/{bench}/{mode}: {n}/{len(items)}") if n % 5 == 0 else None)
+        resume = resume_file(storage, cfg, ["evaluations", model, bench, mode], mode, inputs["student"],
+                             inputs.get("tuned"), harness, items)
+        def progress(n: int) -> None:
+            if n % 5 == 0 or n == len(items):
+                context.log.info(f"{model}/{bench}/{mode}: {n}/{len(items)}")
+
+        results = ev.evaluate(respond, benchmark, items, mode, harness, _local(storage, "eval", "images"), progress,
+                              resume=resume)
+        resume.unlink(missing_ok=True)  # every batch is in the output now
         summary = {"model": model, "benchmark": bench, "mode": mode, **ev.summary(results),
                    "limits": harness.limits.__dict__}
         out = {**summary, "results": [r.__dict__ for r in results]}

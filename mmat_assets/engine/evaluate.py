@@ -24,7 +24,9 @@ off; a plain callable is called prompt by prompt and is never seen cutting a ste
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -37,6 +39,7 @@ from mmat_assets.contracts import Benchmark, BenchmarkItem, Responder, Retriever
 from mmat_assets.engine.export import IMAGE_TAG
 from mmat_assets.engine.stages import orr_system, rr_system
 from mmat_assets.engine.tools import call_tool
+from mmat_assets.versions import doc_version
 
 MODES = ("baseline", "orr", "rr")
 STYLE = "Answer the question using a single word or phrase."
@@ -277,14 +280,26 @@ def item_images(item: BenchmarkItem, workdir: Path) -> list[str]:
 
 
 def evaluate(model: Responder, bench: Benchmark, items: Iterable[BenchmarkItem], mode: str, h: Harness,
-             workdir: Path, progress: Callable[[int], None] | None = None) -> list[ItemResult]:
+             workdir: Path, progress: Callable[[int], None] | None = None,
+             resume: Path | None = None) -> list[ItemResult]:
     """Score every item in one mode, ``h.batch_size`` problems per batch of generations; a
     failing item scores 0 with its error as prediction. An item's latency is its batch's
-    wall time shared among the batch's items."""
+    wall time shared among the batch's items.
+
+    With ``resume`` (a JSON-lines file), each finished batch's results are appended to it,
+    and a batch whose results are all there is not run again: an evaluation that stops
+    resumes at its first unfinished batch, with the same batches as a run that did not stop.
+    The caller names the file by everything that decides the results (:func:`resume_name`)."""
     out: list[ItemResult] = []
     pending = list(items)
+    done = _finished(resume)
     for start in range(0, len(pending), max(1, h.batch_size)):
         chunk = pending[start:start + max(1, h.batch_size)]
+        if all(i.item_id in done for i in chunk):
+            out += [done[i.item_id] for i in chunk]
+            if progress is not None:
+                progress(len(out))
+            continue
         began = time.perf_counter()
         cases = [_Case(item, item_images(item, workdir)) for item in chunk]
         try:
@@ -293,10 +308,43 @@ def evaluate(model: Responder, bench: Benchmark, items: Iterable[BenchmarkItem],
             for c in cases:
                 c.error = c.error or f"[error] {type(exc).__name__}: {exc}"
         share = (time.perf_counter() - began) / len(cases)
-        out += [_result(bench, c, share, mode) for c in cases]
+        scored = [_result(bench, c, share, mode) for c in cases]
+        if resume is not None:
+            _append(resume, scored)
+        out += scored
         if progress is not None:
             progress(len(out))
     return out
+
+
+def resume_name(parts: Mapping[str, Any]) -> str:
+    """The file name of an evaluation's finished batches: a hash of what decides them (the
+    model and its version, the mode, the limits and harness, the items in order)."""
+    return f"{doc_version(parts)}.jsonl"
+
+
+def _finished(path: Path | None) -> dict[str, ItemResult]:
+    """The results already in a resume file, by item id (a torn last line is skipped)."""
+    if path is None or not path.is_file():
+        return {}
+    done: dict[str, ItemResult] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            r = ItemResult(**json.loads(line))
+        except (ValueError, TypeError):
+            continue
+        done[r.item_id] = r
+    return done
+
+
+def _append(path: Path, results: list[ItemResult]) -> None:
+    """One batch's results, written and synced in one append."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = "".join(json.dumps(r.__dict__, ensure_ascii=False) + "\n" for r in results)
+    with path.open("a", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _result(bench: Benchmark, c: _Case, seconds: float, mode: str) -> ItemResult:
@@ -355,8 +403,6 @@ _ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user
 def export_dialogues(path: Path | str) -> list[list[dict[str, str]]]:
     """The dialogues of an export file as role/content messages: ``messages`` lines
     (ms-swift, InternVL-style) or ``conversations`` lines with ``from``/``value`` (ShareGPT)."""
-    import json
-
     out = []
     p = Path(path)
     for line in p.read_text(encoding="utf-8").splitlines() if p.is_file() else []:
