@@ -13,6 +13,10 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import os
+import sys
+import threading
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -100,7 +104,26 @@ def train(extras: Mapping[str, Any]) -> dict[str, Any]:
     return dict(trainer.train(Path(extras["export_dir"]), Path(extras["out_dir"])))
 
 
+def exit_with_parent(every_s: float = 0.5) -> None:
+    """End this process once the one that launched it is gone. A build killed while it trains
+    (SIGKILL leaves no time to stop anything) must not leave the training running: it would
+    hold the CPU or accelerator, and write its checkpoint beside the rerun's."""
+    parent = os.getppid()
+    if parent <= 1:  # started by init or a container's entrypoint: nothing to watch
+        return
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every_s)
+        sys.stderr.write(f"mmat training: the process that started it ({parent}) is gone; stopping\n")
+        sys.stderr.flush()
+        os._exit(1)
+
+    threading.Thread(target=watch, name="mmat-parent-watch", daemon=True).start()
+
+
 def main() -> None:
+    exit_with_parent()
     with open_dagster_pipes() as context:
         handler = PipesLogHandler(context)
         logger = logging.getLogger("mmat")
