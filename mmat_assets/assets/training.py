@@ -146,7 +146,7 @@ def resume_file(storage: StorageResource, cfg: ProjectConfig, key: list[str], mo
     resumes from it; anything different starts a new file."""
     weights = Path(str((tuned or {}).get("checkpoint", "")))
     parts = {"asset": key, "mode": mode, "student": student.get("path"),
-             "tuned": _without_timing(tuned) if tuned else None,
+             "tuned": (tuned or {}).get("checkpoint"),
              "weights": tree_version(weights) if tuned and weights.is_dir() else None,
              "tools": {n: [f"{type(t).__module__}.{type(t).__qualname__}", str(getattr(t, "version", "")),
                            cfg.tools[n].model_dump(mode="json") if n in cfg.tools else None]
@@ -154,10 +154,6 @@ def resume_file(storage: StorageResource, cfg: ProjectConfig, key: list[str], mo
              "limits": harness.limits.__dict__, "orr_tools": list(harness.orr_tools), "max_steps": harness.max_steps,
              "batch_size": harness.batch_size, "items": [i.item_id for i in items]}
     return _local(storage, "eval", "partial", ev.resume_name(parts))
-
-
-def _without_timing(doc: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in doc.items() if k not in TIMING_KEYS}
 
 
 def _training_ids(export: dict[str, Any] | None) -> set[str]:
@@ -199,6 +195,7 @@ def eval_asset(cfg: ProjectConfig, registry: Registry, model: str, bench: str, m
                              e.max_new_tokens)
         resume = resume_file(storage, cfg, ["evaluations", model, bench, mode], mode, inputs["student"],
                              inputs.get("tuned"), harness, items)
+
         def progress(n: int) -> None:
             if n % 5 == 0 or n == len(items):
                 context.log.info(f"{model}/{bench}/{mode}: {n}/{len(items)}")
