@@ -206,6 +206,7 @@ def test_a_stopped_evaluation_resumes_at_its_first_unfinished_batch(tmp_path: Pa
     fields = [(r.item_id, r.prediction, r.score, r.steps, r.ended, r.tool_calls) for r in resumed]
     assert fields == [(r.item_id, r.prediction, r.score, r.steps, r.ended, r.tool_calls) for r in whole]
     assert ev.resume_name({"items": qs}) != ev.resume_name({"items": qs[::-1]})
+    assert set(ev._finished(resume)) == {"0", "1", "2", "3", "4"}  # the torn line did not swallow the next
 
 
 def test_step_limits_come_from_the_training_steps_p99() -> None:

@@ -338,11 +338,14 @@ def _finished(path: Path | None) -> dict[str, ItemResult]:
 
 
 def _append(path: Path, results: list[ItemResult]) -> None:
-    """One batch's results, written and synced in one append."""
+    """One batch's results, written and synced in one append (on a line of its own after a
+    torn one)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     text = "".join(json.dumps(r.__dict__, ensure_ascii=False) + "\n" for r in results)
-    with path.open("a", encoding="utf-8") as f:
-        f.write(text)
+    with path.open("ab+") as f:  # every write appends; reads see the end
+        if f.seek(0, os.SEEK_END) and (f.seek(-1, os.SEEK_END), f.read(1))[1] != b"\n":
+            text = "\n" + text
+        f.write(text.encode("utf-8"))
         f.flush()
         os.fsync(f.fileno())
 
