@@ -342,9 +342,11 @@ def _append(path: Path, results: list[ItemResult]) -> None:
     torn one)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     text = "".join(json.dumps(r.__dict__, ensure_ascii=False) + "\n" for r in results)
-    with path.open("ab+") as f:  # every write appends; reads see the end
-        if f.seek(0, os.SEEK_END) and (f.seek(-1, os.SEEK_END), f.read(1))[1] != b"\n":
-            text = "\n" + text
+    with path.open("ab+") as f:  # every write appends, wherever the file position is
+        if f.seek(0, os.SEEK_END) > 0:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                text = "\n" + text
         f.write(text.encode("utf-8"))
         f.flush()
         os.fsync(f.fileno())
