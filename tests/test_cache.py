@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,26 @@ def test_errors_are_not_cached(tmp_path: Path, images: list[Path]) -> None:
         assert call.error == "temporary failure" and not call.cached
     assert cache.stats.writes == 0 and len(cache) == 0
     cache.close()
+
+
+def test_a_store_made_again_at_the_same_place_starts_empty(tmp_path: Path) -> None:
+    """The work file outlives a deleted store; the store made again must not get its answers."""
+    root, key = tmp_path / "store", "a" * 64
+    first = ResultCache(root, "teacher", 0)  # no work_dir: the work file is in the system temp folder
+    first.put(key, {"content": "paid for once"})
+    first.close()
+    work = first.local_path
+    try:
+        reopened = ResultCache(root, "teacher", 0)
+        assert reopened.get(key) == {"content": "paid for once"}
+        reopened.close()
+        shutil.rmtree(root)
+        again = ResultCache(root, "teacher", 0)
+        assert again.get(key) is None
+        again.close()
+        assert work.exists() and again.local_path != work  # the old work file is left, not read
+    finally:
+        shutil.rmtree(work.parent.parent, ignore_errors=True)
 
 
 def test_killed_run_keeps_its_results(tmp_path: Path) -> None:

@@ -15,7 +15,10 @@ segments, so many machines can work at once without losing a row; a shard with m
 the merged ones deleted), so S3 holds a few objects per shard instead of one per result.
 Rows left unflushed by a killed run on the same machine are uploaded on the next open.
 Errors are never cached: a failure may be transient, and a retry must be able to succeed.
-With ``root=None`` the cache is the local file alone.
+With ``root=None`` the cache is the local file alone. Without a ``work_dir`` the local file
+lies in the system's temp folder, named by the storage root and the root's identity (a random
+id written once to ``<root>/.store-id``): a store deleted and made again at the same place
+starts empty instead of getting the old store's answers back from a file left behind.
 
 Paid work once. :meth:`ResultCache.claim` (and :meth:`~ResultCache.aclaim`) is how paid work
 goes through the cache: a miss is *claimed* with a lease (:mod:`mmat_assets.engine.leases`)
@@ -50,8 +53,8 @@ from typing import Any, TypeVar
 
 from upath import UPath
 
-from mmat_assets.engine.leases import (LEASE_S, WAIT_S, Lease, Leases, atomic_write, is_local, lease_store, poll_delays,
-                                       read_whole)
+from mmat_assets.engine.leases import (LEASE_S, WAIT_S, Lease, Leases, atomic_write, create_exclusive, is_local,
+                                       lease_store, poll_delays, read_whole)
 
 T = TypeVar("T")
 #: What a claimed computation returns: its result, and the value to store (None: not cached).
@@ -391,7 +394,10 @@ class ResultCache:
 
     def _local_path(self, work_dir: str | Path | None) -> Path:
         if work_dir is None:
-            tag = hashlib.sha256(str(self.remote).encode()).hexdigest()[:12]
+            # Named by the storage root and its identity: a store deleted and made again at the
+            # same place must not get the old one's answers back from a work file left behind.
+            identity = store_id(self.remote.parent.parent) if self.remote is not None else ""
+            tag = hashlib.sha256(f"{self.remote}\0{identity}".encode()).hexdigest()[:12]
             work_dir = Path(tempfile.gettempdir()) / "mmat-cache" / tag
         path = Path(work_dir) / self.namespace / f"{self.shard}.sqlite"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -526,6 +532,18 @@ class ResultCache:
             return sorted(p.name.removesuffix(".json") for p in folder.iterdir() if p.name.endswith(".json"))
         except (FileNotFoundError, NotADirectoryError):
             return []
+
+
+def store_id(root: UPath) -> str:
+    """The identity of the storage root ``root``: a random id kept in ``<root>/.store-id``,
+    written once by whoever comes first (an exclusive create, a conditional put on S3)."""
+    marker = root / ".store-id"
+    for _ in range(2):
+        try:
+            return read_whole(marker).decode("ascii").strip()
+        except FileNotFoundError:
+            create_exclusive(marker, uuid.uuid4().hex.encode("ascii"))
+    return read_whole(marker).decode("ascii").strip()
 
 
 def _as_upath(root: str | Path | UPath) -> UPath:
