@@ -102,18 +102,20 @@ def test_a_store_made_again_at_the_same_place_starts_empty(tmp_path: Path) -> No
     first = ResultCache(root, "teacher", 0)  # no work_dir: the work file is in the system temp folder
     first.put(key, {"content": "paid for once"})
     first.close()
-    work = first.local_path
+    works = [first.local_path]
     try:
         reopened = ResultCache(root, "teacher", 0)
         assert reopened.get(key) == {"content": "paid for once"}
         reopened.close()
         shutil.rmtree(root)
         again = ResultCache(root, "teacher", 0)
+        works.append(again.local_path)
         assert again.get(key) is None
         again.close()
-        assert work.exists() and again.local_path != work  # the old work file is left, not read
+        assert works[0].exists() and works[1] != works[0]  # the old work file is left, not read
     finally:
-        shutil.rmtree(work.parent.parent, ignore_errors=True)
+        for work in works:
+            shutil.rmtree(work.parent.parent, ignore_errors=True)
 
 
 def test_killed_run_keeps_its_results(tmp_path: Path) -> None:

@@ -538,11 +538,10 @@ def store_id(root: UPath) -> str:
     """The identity of the storage root ``root``: a random id kept in ``<root>/.store-id``,
     written once by whoever comes first (an exclusive create, a conditional put on S3)."""
     marker = root / ".store-id"
-    for _ in range(2):
-        try:
-            return read_whole(marker).decode("ascii").strip()
-        except FileNotFoundError:
-            create_exclusive(marker, uuid.uuid4().hex.encode("ascii"))
+    try:
+        return read_whole(marker).decode("ascii").strip()
+    except FileNotFoundError:
+        create_exclusive(marker, uuid.uuid4().hex.encode("ascii"))  # False: another process was first
     return read_whole(marker).decode("ascii").strip()
 
 
