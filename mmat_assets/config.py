@@ -1,7 +1,8 @@
 """The project configuration file (``mmat.yaml``): typed, with a description per field.
 
 Relative paths in it resolve against the file's own directory, so a config travels with
-its project. Loaded by the composition root, never at import time.
+its project. A config may start from another in the same folder (``extends: micro.yaml``)
+and change only what differs. Loaded by the composition root, never at import time.
 """
 
 from __future__ import annotations
@@ -258,10 +259,47 @@ class ProjectConfig(_Model):
 BUDGET_ENV = "MMAT_BUDGET_USD"
 
 
-def load_config(path: str | Path) -> ProjectConfig:
-    """Read and validate a project config file (``$MMAT_BUDGET_USD`` overrides the budget)."""
-    path = Path(path).resolve()
+#: The key naming the config a file starts from; its own keys then override that one's.
+EXTENDS = "extends"
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be read as a whole (a broken ``extends:`` chain)."""
+
+
+def merged(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``override`` laid over it: mappings merge key by key, anything else
+    (a list, a scalar, null) replaces the base's value whole."""
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _read(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The raw mapping of a config file with its ``extends:`` chain folded in."""
     data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(data, dict) or EXTENDS not in data:
+        return data  # a non-mapping fails validation, as before
+    name = data.pop(EXTENDS)
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"{path}: {EXTENDS} names a config file, got {name!r}")
+    base = (path.parent / name).resolve()
+    if base.parent != path.parent:  # the base's relative paths must mean what they mean in it
+        raise ConfigError(f"{path}: {EXTENDS}: {name} is not in the same folder; paths in both "
+                          "files resolve against the folder of the file loaded")
+    if base in chain or base == path:
+        raise ConfigError(f"{path}: {EXTENDS} loops: " + " -> ".join(p.name for p in (*chain, path, base)))
+    if not base.is_file():
+        raise ConfigError(f"{path}: {EXTENDS}: no config file {base.name} beside it")
+    return merged(_read(base, (*chain, path)), data)
+
+
+def load_config(path: str | Path) -> ProjectConfig:
+    """Read and validate a project config file, with the file it ``extends`` (if any) under
+    it; ``$MMAT_BUDGET_USD`` overrides the budget."""
+    path = Path(path).resolve()
+    data = _read(path)
     if os.environ.get(BUDGET_ENV):
         data.setdefault("stages", {})["budget_usd"] = os.environ[BUDGET_ENV]
     cfg = ProjectConfig.model_validate(data)

@@ -564,7 +564,7 @@ def _unbuilt_error(graph: Any, selected: set[dg.AssetKey], missing: dict[dg.Asse
 def _definitions(config: Path, profile: str) -> tuple[dg.Definitions, float]:
     """The project's definitions and failure-rate limit; a broken plugin or config stops here."""
     from mmat_assets.assets import build_definitions
-    from mmat_assets.config import load_config
+    from mmat_assets.config import ConfigError, load_config
     from mmat_assets.plugins import load_registry
 
     if not config.is_file():
@@ -573,6 +573,8 @@ def _definitions(config: Path, profile: str) -> tuple[dg.Definitions, float]:
         cfg = load_config(config)
     except yaml.YAMLError as exc:
         raise BuildError(f"{config} is not valid YAML: {exc}", USAGE_ERROR) from None
+    except ConfigError as exc:
+        raise BuildError(str(exc), USAGE_ERROR) from None
     except ValidationError as exc:
         raise BuildError(f"{config}: " + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
                                                    for e in exc.errors()), USAGE_ERROR) from None

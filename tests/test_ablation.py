@@ -31,21 +31,6 @@ def test_every_shipped_config_validates(path: Path) -> None:
         assert cfg.ablation.benchmark in cfg.evaluation.benchmarks
 
 
-def test_the_rr_cell_profile_is_the_micro_profile_with_two_variants_and_both_cores() -> None:
-    """profiles/micro_rr.yaml shares micro.yaml's store and cells: it may differ in nothing else,
-    or its results would silently stop being the micro matrix's."""
-    from mmat_assets.config import load_config
-
-    micro, rr = (load_config(REPO / "profiles" / f"{n}.yaml").model_dump() for n in ("micro", "micro_rr"))
-    assert micro["ablation"]["variants"] == list(ab.VARIANTS) and rr["ablation"]["variants"] == ["untuned", "rr"]
-    assert (micro["training"]["options"]["cpu_threads"], rr["training"]["options"]["cpu_threads"]) == (1, 2)
-    for cfg in (micro, rr):
-        del cfg["ablation"]["variants"], cfg["training"]["options"]["cpu_threads"]
-    assert rr == micro
-
-
-
-
 def test_the_heldout_split_is_seeded_by_id_alone() -> None:
     ids = [str(i) for i in range(1000)]
     held = ab.heldout_split(ids, 200, 42)
