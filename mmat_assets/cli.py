@@ -7,7 +7,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -243,9 +243,9 @@ def build(
         _stop(exc, as_json)
     stopped_by: list[str] = []
     try:
-        with _sigterm_as_interrupt(stopped_by), BuildProgress(console, enabled=not as_json) as progress:
+        with _sigterm_as_interrupt(stopped_by) as interrupted, BuildProgress(console, enabled=not as_json) as progress:
             if backfill_id is None:
-                summary = prepared.run(progress, workers or os.cpu_count() or 1)
+                summary = prepared.run(progress, workers or os.cpu_count() or 1, interrupted)
             else:
                 summary = _follow(prepared, backfill_id, progress, as_json)
     except KeyboardInterrupt:
@@ -271,14 +271,16 @@ def build(
 
 
 @contextmanager
-def _sigterm_as_interrupt(stopped_by: list[str]) -> Iterator[None]:
+def _sigterm_as_interrupt(stopped_by: list[str]) -> Iterator[Callable[[], bool]]:
     """SIGTERM (``kill``, a service manager, a CI timeout) stops a build the way Ctrl-C does:
     runs end as interrupted and worker processes stop, instead of the process vanishing and
     leaving its workers to go on sending requests. The name of the signal goes to ``stopped_by``.
 
     A step run in this process swaps the handlers (Dagster maps SIGTERM to its own SIGINT
     handler while a step runs, and leaves Python's behind): the signal numbers the interpreter
-    writes to its wakeup socket still say which signal it was."""
+    writes to its wakeup socket still say which signal it was. Yields a check for a SIGINT or
+    SIGTERM that came and was swallowed (Dagster's handler between the steps of a run in this
+    process only notes one): the build calls it between runs and stops."""
     def on_term(signum: int, frame: Any) -> None:
         stopped_by.append("SIGTERM")
         os.kill(os.getpid(), signal.SIGINT)  # Dagster's own interrupt handling, where it has one
@@ -288,8 +290,15 @@ def _sigterm_as_interrupt(stopped_by: list[str]) -> Iterator[None]:
         end.setblocking(False)
     previous_fd = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
     previous = signal.signal(signal.SIGTERM, on_term)
+
+    def interrupted() -> bool:
+        got = _signals_received(reader)
+        if signal.SIGTERM in got and not stopped_by:
+            stopped_by.append("SIGTERM")
+        return bool(got & {signal.SIGINT, signal.SIGTERM})
+
     try:
-        yield
+        yield interrupted
     except KeyboardInterrupt:
         if not stopped_by and signal.SIGTERM in _signals_received(reader):
             stopped_by.append("SIGTERM")

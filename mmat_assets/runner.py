@@ -604,13 +604,15 @@ class PreparedBuild:
     #: (config, profile) the definitions came from: what worker processes load again
     source: tuple[Path, str] | None = None
 
-    def run(self, progress: BuildProgress, workers: int = 1) -> dict[str, Any]:
+    def run(self, progress: BuildProgress, workers: int = 1,
+            interrupted: Callable[[], bool] | None = None) -> dict[str, Any]:
         """Materialize the slices in order, the shards of a slice in up to ``workers`` processes
-        at once; the summary lists every cause of failure."""
+        at once; the summary lists every cause of failure. ``interrupted`` says whether a stop
+        signal came that no handler turned into a KeyboardInterrupt (see :class:`_Build`)."""
         width = max((run_width(self.graph, s) for s in self.slices), default=1)
         workers = min(workers, width) if self.source else 1
         pool = worker_pool(workers, *self.source) if workers > 1 and self.source else None
-        build = _Build(self.defs, self.graph, self.instance, progress, pool, workers)
+        build = _Build(self.defs, self.graph, self.instance, progress, pool, workers, interrupted)
         progress.start(sum(run_count(self.graph, s) for s in self.slices))
         reader, batches = spend_reader(self.defs), batch_reader(self.defs, time.time())
         if batches is not None:
@@ -673,8 +675,13 @@ class _Build:
     """Runs slices and keeps the tally: rows, errors and skips per asset, checks, the stop."""
 
     def __init__(self, defs: dg.Definitions, graph: Any, instance: dg.DagsterInstance, progress: BuildProgress,
-                 pool: ProcessPoolExecutor | None = None, workers: int = 1) -> None:
+                 pool: ProcessPoolExecutor | None = None, workers: int = 1,
+                 interrupted: Callable[[], bool] | None = None) -> None:
         self.defs, self.graph, self.instance, self.progress = defs, graph, instance, progress
+        #: Dagster swallows a SIGINT or SIGTERM that lands in its own run between steps (its
+        #: handler only notes it, and forgets it when the run ends): this says one came, and
+        #: the build stops at the next run's edge instead of going on
+        self.interrupted = interrupted or (lambda: False)
         #: worker processes for the shards of a slice (None: every run in this process)
         self.pool, self.workers = pool, workers
         self.entries: dict[str, dict[str, Any]] = {}
@@ -754,6 +761,7 @@ class _Build:
         stop = self.stopped is not None
         while queue or running:
             while queue and not stop and len(running) < self.workers:
+                self._check_interrupt()
                 run = queue.pop(0)
                 running[self.pool.submit(_execute_in_worker, run[1], run[2])] = run
             if not running:
@@ -778,12 +786,18 @@ class _Build:
         if self._not_run(keys, part):  # running it would only repeat a failure already reported
             self._skip_run(keys, part, report=True)
             return
+        self._check_interrupt()
         record = execute(self.defs, keys, part, self.instance)
         if record.interrupted:  # Dagster caught the interrupt inside the step: pass it on as one
             raise KeyboardInterrupt
+        self._check_interrupt()
         self.runs += 1
         self._tally(record, keys, part)
         self.progress.step(_label(keys, part), record.rows, bool(record.failures), record.accepted)
+
+    def _check_interrupt(self) -> None:
+        if self.interrupted():
+            raise KeyboardInterrupt
 
     def _tally(self, record: RunRecord, keys: list[dg.AssetKey], part: str | None) -> None:
         self.notes += record.notes

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import dagster as dg
@@ -212,3 +213,34 @@ def test_check_severity_decides_the_exit_and_skipped_steps_say_skipped(tmp_path:
     status = {a["asset"]: a["status"] for a in summary["assets"]}
     assert status == {"broken": "failed", "after": "skipped"}, summary
     assert summary["causes"] == ["broken: RuntimeError: cannot read the table"]
+
+
+def test_a_sigterm_that_dagster_swallows_between_steps_still_stops_the_build(tmp_path: Path) -> None:
+    """Between the steps of a run in this process, Dagster's handler only notes an interrupt
+    and forgets it when the run ends. The build must still stop at the next run, as 143."""
+    import signal
+
+    from dagster._utils.interrupts import capture_interrupts
+
+    from mmat_assets.cli import _sigterm_as_interrupt
+    from mmat_assets.runner import BuildProgress, prepare
+
+    ran: list[str] = []
+
+    @dg.asset(partitions_def=dg.StaticPartitionsDefinition(["0", "1", "2"]))
+    def shard(context) -> int:  # type: ignore[no-untyped-def]
+        ran.append(context.partition_key)
+        if context.partition_key == "0":
+            with capture_interrupts():  # as Dagster's own run loop is, outside a step body
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.2)  # the handler runs; it only notes the signal
+        return 1
+
+    defs = dg.Definitions(assets=[shard],
+                          resources={"io_manager": dg.FilesystemIOManager(base_dir=str(tmp_path / "io"))})
+    stopped_by: list[str] = []
+    with dg.instance_for_test() as instance:
+        prepared = prepare(defs, "shard", lambda keys: keys, instance=instance)
+        with pytest.raises(KeyboardInterrupt), _sigterm_as_interrupt(stopped_by) as interrupted:
+            prepared.run(BuildProgress(Console(), enabled=False), 1, interrupted)
+    assert ran == ["0"] and stopped_by == ["SIGTERM"]

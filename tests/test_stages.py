@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import polars as pl
+import pytest
 
 from mmat_assets import protocol
 from mmat_assets.contracts import TeacherError
@@ -187,3 +188,26 @@ def test_quality_judge_scores_passed_dialogues_and_export_filters_on_it(tmp_path
     assert apply_filter(stages.rr_samples(scored), ExportFilter(min_quality=0.2)).height == 1
     again = stages.score_quality(ref, j, env)  # cached by request hash: the judge is not asked twice
     assert again["quality"].to_list() == [0.25, None] and len([r for r in teacher.calls if r.kind == "score"]) == 1
+
+
+def test_an_interrupt_inside_the_event_loops_io_is_not_logged_as_a_traceback(caplog: pytest.LogCaptureFixture) -> None:
+    """Ctrl-C or SIGTERM can land in a socket write of the loop itself; asyncio then logs a
+    'Fatal write error' with a traceback. The stop is reported in one line: log nothing for
+    it, and every real error as before."""
+    import asyncio
+    import logging
+
+    from dagster._core.errors import DagsterExecutionInterruptedError
+
+    from mmat_assets.engine.stages import run_loop
+
+    async def errors() -> int:
+        loop = asyncio.get_running_loop()
+        for exc in (DagsterExecutionInterruptedError(), KeyboardInterrupt(), ConnectionResetError("peer gone")):
+            loop.call_exception_handler({"message": "Fatal write error on socket transport", "exception": exc})
+        return 7
+
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        assert run_loop(errors()) == 7
+    logged = [r for r in caplog.records if r.name == "asyncio"]
+    assert len(logged) == 1 and isinstance(logged[0].exc_info[1], ConnectionResetError), logged

@@ -10,9 +10,9 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import asdict
-from typing import Any
+from typing import Any, TypeVar
 
 import polars as pl
 
@@ -116,6 +116,28 @@ def stamp_lineage(df: pl.DataFrame, asset: str, partition: str, code_version: st
     return df.with_columns(lineage=pl.Series(stamped, dtype=pl.String))
 
 
+T = TypeVar("T")
+
+
+def quiet_interrupts(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """The event loop's error handler, but silent about an interrupt (Ctrl-C, SIGTERM) that
+    landed inside the loop's own I/O: the build reports that stop in one line, and a
+    traceback logged beside it would say something broke."""
+    exc = context.get("exception")
+    if isinstance(exc, BaseException) and not isinstance(exc, Exception):
+        return
+    loop.default_exception_handler(context)
+
+
+def run_loop(coro: Coroutine[Any, Any, T]) -> T:
+    """:func:`asyncio.run` with :func:`quiet_interrupts` as the loop's error handler."""
+    async def main() -> T:
+        asyncio.get_running_loop().set_exception_handler(quiet_interrupts)
+        return await coro
+
+    return asyncio.run(main())
+
+
 # ------------------------------------------------------------------------ rationale
 
 
@@ -123,7 +145,7 @@ def run_rationales(df: pl.DataFrame, env: Environment,
                    progress: Callable[[int, int], None] | None = None) -> pl.DataFrame:
     """The teacher loop over one shard; every input row comes out, ok or failed."""
     rows = with_prompts(df)
-    outcomes = asyncio.run(run_shard(list[Mapping[str, Any]](rows), env, progress))
+    outcomes = run_loop(run_shard(list[Mapping[str, Any]](rows), env, progress))
     return records.conform(pl.DataFrame([_rationale_row(r, o) for r, o in zip(rows, outcomes, strict=True)],
                                         schema=records.SAMPLE_SCHEMA, strict=False))
 
@@ -148,7 +170,7 @@ def _rationale_row(row: dict[str, Any], o: Outcome) -> dict[str, Any]:
 def run_reflections(df: pl.DataFrame, env: Environment) -> pl.DataFrame:
     """Deterministic checks then judges on every ok rationale; failed rows pass through."""
     rows = with_prompts(df)
-    return records.conform(pl.DataFrame(asyncio.run(_reflect_all(rows, env)), schema=records.SAMPLE_SCHEMA,
+    return records.conform(pl.DataFrame(run_loop(_reflect_all(rows, env)), schema=records.SAMPLE_SCHEMA,
                                         strict=False))
 
 
@@ -279,7 +301,7 @@ def score_quality(df: pl.DataFrame, judge: Judge[Any], env: Environment, system:
     ``system`` as in :func:`rr_samples`). A judge's teacher requests go through the request
     cache; a judge failure leaves the score empty and says why."""
     system = rr_system({}) if system is None else system
-    return records.conform(pl.DataFrame(asyncio.run(_score_all(df.to_dicts(), judge, env, system)),
+    return records.conform(pl.DataFrame(run_loop(_score_all(df.to_dicts(), judge, env, system)),
                                         schema=records.SAMPLE_SCHEMA, strict=False))
 
 
