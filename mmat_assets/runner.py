@@ -39,6 +39,8 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from mmat_assets.toolkit.cpu import limit_threads, worker_share
+
 
 #: The asset the main job builds, with everything upstream of it: the first that exists.
 MAIN_TARGETS = ("evaluation_report", "dialogue_files")  # the main job builds both and what they need
@@ -425,7 +427,9 @@ _WORKER: dict[str, Any] = {}
 WORKER_STOP_S = 20.0
 
 
-def _start_worker(config: str, profile: str) -> None:
+def _start_worker(config: str, profile: str, threads: int | None = None) -> None:
+    if threads:  # before anything loads a model: its thread pool is sized when it starts
+        limit_threads(threads)
     _WORKER["defs"] = _definitions(Path(config), profile)[0]
     _WORKER["instance"] = dg.DagsterInstance.get()  # $DAGSTER_HOME, passed on by the parent
     threading.Thread(target=_stop_with_parent, args=(os.getppid(),), name="mmat-parent-watch",
@@ -462,11 +466,14 @@ def _execute_in_worker(keys: list[dg.AssetKey], part: str | None) -> RunRecord:
 
 
 def worker_pool(workers: int, config: Path, profile: str) -> ProcessPoolExecutor:
-    """``workers`` processes that each load the project's definitions once. Spawned, not
+    """``workers`` processes that each load the project's definitions once, their models
+    limited to their share of the cores (:func:`~mmat_assets.toolkit.cpu.worker_share`: N
+    workers each starting a thread per core would only slow each other down). Spawned, not
     forked: the parent holds threads (the progress view, Dagster's) that a fork would copy
     in whatever state they were."""
     return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_start_worker, initargs=(str(config), profile))
+                               initializer=_start_worker,
+                               initargs=(str(config), profile, worker_share(workers)))
 
 
 # ------------------------------------------------------------------- before a build

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mmat_assets.contracts import CLAIM_VERBS, Availability, Tool, ToolResult
 from mmat_assets.hookspecs import Register, hookimpl
+from mmat_assets.toolkit.cpu import cpu_threads
 from mmat_assets.toolkit.images import open_rgb
 
 
@@ -72,8 +73,7 @@ class OcrTool(Tool):
                 if self._engine is None:
                     from rapidocr import RapidOCR
 
-                    # Its default INFO log prints model paths on every load.
-                    self._engine = RapidOCR(params={"Global.log_level": "warning"})
+                    self._engine = RapidOCR(params=engine_params())
         return self._engine
 
     def run(self, image: Path, args: Mapping[str, Any]) -> ToolResult:
@@ -98,6 +98,17 @@ class OcrTool(Tool):
                 "boxes": [i["box"] for i in items], "texts": [i["text"] for i in items],
                 "scores": [i["score"] for i in items], "size": list(img.size)}
         return ToolResult(text, data, latency_s=time.perf_counter() - start)
+
+
+def engine_params() -> dict[str, Any]:
+    """rapidocr's settings: a quiet log (its INFO log prints model paths on every load) and,
+    where this process is limited to some threads (a build's worker), onnxruntime's pools
+    sized to them instead of one thread per core."""
+    params: dict[str, Any] = {"Global.log_level": "warning"}
+    threads = cpu_threads()
+    if threads:
+        params["EngineConfig.onnxruntime.intra_op_num_threads"] = threads
+    return params
 
 
 def _items(boxes: Any, texts: Sequence[str] | None, scores: Sequence[float] | None,

@@ -21,6 +21,8 @@ A plugin imports only :mod:`mmat_assets.hookspecs`, :mod:`mmat_assets.contracts`
   queue for a teacher (with :class:`BatchLimits` and :class:`BatchStats`).
 - :mod:`~mmat_assets.toolkit.ratelimit`: :class:`AdaptiveLimiter`, AIMD concurrency that
   follows a provider's 429s and rate-limit headers.
+- :mod:`~mmat_assets.toolkit.cpu`: :func:`cpu_threads`, the threads a model may use in this
+  process (a build's worker gets its share of the cores; ``THREADS_ENV`` names the variable).
 
 Importing the package is cheap: image libraries load only when an image is opened.
 """
@@ -30,6 +32,7 @@ from __future__ import annotations
 from mmat_assets.toolkit.answers import (letter_of, normalise_text, numbers_in, plain_fractions, rationale_lines,
                                          same_answer, to_number)
 from mmat_assets.toolkit.batch import BatchCollector, BatchLimits, BatchStats
+from mmat_assets.toolkit.cpu import THREADS_ENV, cpu_threads
 from mmat_assets.toolkit.export import (IMAGE_TAG, Record, copy_images, licence_counts, relative_to, write_formats,
                                         write_indexed_formats, write_jsonl)
 from mmat_assets.toolkit.images import file_sha256, open_rgb
@@ -40,6 +43,7 @@ from mmat_assets.toolkit.sources import FileSource, FileSourceOptions, PathSourc
 
 __all__ = [
     "IMAGE_TAG",
+    "THREADS_ENV",
     "AdaptiveLimiter",
     "BatchCollector",
     "BatchLimits",
@@ -50,6 +54,7 @@ __all__ = [
     "PathSourceOptions",
     "Record",
     "copy_images",
+    "cpu_threads",
     "excerpt_of",
     "file_sha256",
     "guarded",
