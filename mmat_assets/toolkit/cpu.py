@@ -1,12 +1,12 @@
 """How many CPU threads a model in this process may use.
 
 A build with ``--workers N`` runs N processes side by side. If each of them let its OCR or
-torch model start one thread per core, N x cores threads would share the cores and every
-one of them would run slower than alone: on 2 cores, two workers each reading tables with
-onnxruntime's default of one thread per core did 1.62 images/s together against 1.75-1.99
-for one worker alone, and 2.64 with one thread each. So a worker is given its share
-(:data:`THREADS_ENV`, ``cores // N``: :func:`worker_share`) before it loads anything, and a plugin that sizes a
-thread pool itself asks :func:`cpu_threads`.
+torch model start one thread per core, N x cores threads would share the cores and each
+process would run slower than alone. On 2 cores (``benchmarks/ocr_threads.py``), OCR over 40
+TabMWP tables did 2.57 images/s in one process, 2.03 in two processes with onnxruntime's
+default pool each, and 3.44 in two processes of one thread each. So a worker is given its
+share (:data:`THREADS_ENV`, ``cores // N``: :func:`worker_share`) before it loads anything,
+and a plugin that sizes a thread pool itself asks :func:`cpu_threads`.
 """
 
 from __future__ import annotations
