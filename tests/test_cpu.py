@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import os
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -14,8 +16,11 @@ from tests.test_workers import tabmwp_project
 
 @pytest.fixture
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """None of the variables set; whatever a test sets them to (``limit_threads`` writes
+    ``os.environ`` itself) is undone after it, so the rest of the session keeps its threads."""
     for name in (cpu.THREADS_ENV, *cpu.LIBRARY_ENVS):
-        monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv(name, "")  # recorded as it was, so the undo restores (or removes) it
+        monkeypatch.delenv(name)
     return monkeypatch
 
 
@@ -39,8 +44,11 @@ def test_a_workers_share_divides_the_cores_or_the_set_limit_and_is_at_least_one(
 
 
 def test_limiting_sets_the_libraries_variables_but_keeps_a_users_own(clean_env: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    clean_env.setitem(sys.modules, "torch", types.SimpleNamespace(set_num_threads=calls.append))
     clean_env.setenv("MKL_NUM_THREADS", "7")
     cpu.limit_threads(1)
+    assert calls == [1]  # a torch already loaded has its pool resized
     assert os.environ[cpu.THREADS_ENV] == "1" and os.environ["OMP_NUM_THREADS"] == "1"
     assert os.environ["OPENBLAS_NUM_THREADS"] == "1" and os.environ["MKL_NUM_THREADS"] == "7"
     assert cpu.cpu_threads() == 1
