@@ -68,11 +68,14 @@ def plugins(config: ConfigOpt = Path("mmat.yaml"), as_json: JsonOpt = False) -> 
 
     Exits 1 when a plugin failed to load or to register (each named, the rest still listed);
     block one with MMAT_BLOCK_PLUGINS=name."""
-    from mmat_assets.config import load_config
     from mmat_assets.plugins import load_registry
+    from mmat_assets.runner import BuildError, read_config
 
     registry = load_registry()
-    cfg = load_config(config) if config.exists() else None
+    try:
+        cfg = read_config(config) if config.exists() else None
+    except BuildError as exc:
+        _stop(exc, as_json)
     base = cfg.base_dir if cfg else Path.cwd()
     rows = []
     for impl in registry.all():
@@ -386,11 +389,12 @@ def estimate(
     reuses those answers), and extrapolate requests, tokens, dollars and wall time per stage,
     each with a 95% bootstrap interval over the pilot rows."""
     from mmat_assets.estimate import FIGURES, estimate_project, table
+    from mmat_assets.runner import BuildError
 
     ensure_dagster_home(config)
     try:
         estimates = estimate_project(config, profile, select, sample, seed, workers)
-    except (FileNotFoundError, ValueError, KeyError) as exc:
+    except (BuildError, FileNotFoundError, ValueError, KeyError) as exc:
         _stop(exc, as_json)
     if as_json:
         print(json.dumps([e.to_dict() for e in estimates], indent=2))
@@ -442,12 +446,15 @@ SampleArg = Annotated[str, typer.Argument(help="A sample id, or a unique prefix 
 
 def _tables(config: Path, profile: str) -> Any:
     """The stored tables of the project's ``profile`` (endpoint from the profile's variable)."""
-    from mmat_assets.config import load_config
     from mmat_assets.engine.lineage import tables_for
+    from mmat_assets.runner import BuildError, read_config
 
     if not config.exists():
         raise typer.BadParameter(f"no project config at {config}", param_hint="--config")
-    cfg = load_config(config)
+    try:
+        cfg = read_config(config)
+    except BuildError as exc:
+        _stop(exc, False)
     prof = cfg.profiles.get(profile)
     if prof is None:
         raise typer.BadParameter(f"profile {profile!r} is not configured (have: {sorted(cfg.profiles)})",

@@ -182,10 +182,10 @@ def estimate_project(config: Path, profile: str, select: str | None, n: int, see
     """``mmat estimate``: the pilot on the project's built foundation tables."""
     from mmat_assets.assets import build_definitions
     from mmat_assets.assets._shared import shard_environment
-    from mmat_assets.config import load_config
     from mmat_assets.plugins import load_registry
+    from mmat_assets.runner import read_config
 
-    cfg = load_config(config)
+    cfg = read_config(config)  # a broken config is one line (BuildError)
     registry = load_registry()
     defs = build_definitions(cfg, profile, registry)
     resources: Mapping[str, Any] = defs.resources or {}

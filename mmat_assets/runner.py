@@ -568,16 +568,16 @@ def _unbuilt_error(graph: Any, selected: set[dg.AssetKey], missing: dict[dg.Asse
                       f"{'it' if one else 'them'}: {include} (or build {'it' if one else 'them'} first)")
 
 
-def _definitions(config: Path, profile: str) -> tuple[dg.Definitions, float]:
-    """The project's definitions and failure-rate limit; a broken plugin or config stops here."""
-    from mmat_assets.assets import build_definitions
+def read_config(config: Path) -> Any:
+    """The project's config (:class:`~mmat_assets.config.MmatConfig`); a missing file, bad
+    YAML, a broken ``extends:`` or a value that fails validation is a :class:`BuildError` of
+    one line naming the file (a usage error, exit 2), for every command that reads it."""
     from mmat_assets.config import ConfigError, load_config
-    from mmat_assets.plugins import load_registry
 
     if not config.is_file():
         raise BuildError(f"no project config at {config}", USAGE_ERROR)
     try:
-        cfg = load_config(config)
+        return load_config(config)
     except yaml.YAMLError as exc:
         raise BuildError(f"{config} is not valid YAML: {exc}", USAGE_ERROR) from None
     except ConfigError as exc:
@@ -585,6 +585,14 @@ def _definitions(config: Path, profile: str) -> tuple[dg.Definitions, float]:
     except ValidationError as exc:
         raise BuildError(f"{config}: " + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
                                                    for e in exc.errors()), USAGE_ERROR) from None
+
+
+def _definitions(config: Path, profile: str) -> tuple[dg.Definitions, float]:
+    """The project's definitions and failure-rate limit; a broken plugin or config stops here."""
+    from mmat_assets.assets import build_definitions
+    from mmat_assets.plugins import load_registry
+
+    cfg = read_config(config)
     registry = load_registry()
     if registry.errors:
         # which plugin would have provided what is unknown, so any broken one stops the build

@@ -99,3 +99,25 @@ def test_the_shipped_micro_variants_are_the_micro_profile_but_for_their_own_keys
         assert cfg["ablation"]["variants"] == variants and cfg["training"]["options"]["cpu_threads"] == 2
         expected = merged(micro, {"ablation": {"variants": variants}, "training": {"options": {"cpu_threads": 2}}})
         assert cfg == expected, name
+
+
+@pytest.mark.parametrize("command", [["plugins"], ["plugins", "--json"], ["show", "abcd1234"],
+                                     ["lineage", "abcd1234"], ["estimate"]])
+@pytest.mark.parametrize("broken", ["extends", "invalid"])
+def test_every_command_reports_a_broken_config_in_one_line(tmp_path: Path, command: list[str],
+                                                           broken: str) -> None:
+    """Not only ``mmat build``: each command that reads the config says what is wrong with it
+    in one line and exits 2, without a traceback."""
+    from typer.testing import CliRunner
+
+    from mmat_assets.cli import app
+
+    bad = {"extends": {"extends": "gone.yaml", **BASE},
+           "invalid": {**BASE, "stages": {**BASE["stages"], "max_steps": "many"}}}[broken]
+    path = _write(tmp_path / "mmat.yaml", bad)
+    res = CliRunner().invoke(app, [*command, "--config", str(path)])
+    assert isinstance(res.exception, SystemExit) and res.exit_code == 2, (res.exception, res.output)
+    reason = {"extends": "no config file gone.yaml", "invalid": "stages.max_steps"}[broken]
+    errors = [line for line in res.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and reason in errors[0], res.output
+    assert "Traceback" not in res.output
