@@ -102,7 +102,7 @@ def test_the_shipped_micro_variants_are_the_micro_profile_but_for_their_own_keys
 
 
 @pytest.mark.parametrize("command", [["plugins"], ["plugins", "--json"], ["show", "abcd1234"],
-                                     ["lineage", "abcd1234"], ["estimate"]])
+                                     ["lineage", "abcd1234"], ["audit", "tuned_model"], ["estimate"]])
 @pytest.mark.parametrize("broken", ["extends", "invalid"])
 def test_every_command_reports_a_broken_config_in_one_line(tmp_path: Path, command: list[str],
                                                            broken: str) -> None:
