@@ -31,7 +31,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dagster as dg
 import yaml
@@ -40,6 +40,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from mmat_assets.toolkit.cpu import limit_threads, worker_share
+
+if TYPE_CHECKING:
+    from mmat_assets.config import ProjectConfig
 
 
 #: The asset the main job builds, with everything upstream of it: the first that exists.
@@ -568,8 +571,8 @@ def _unbuilt_error(graph: Any, selected: set[dg.AssetKey], missing: dict[dg.Asse
                       f"{'it' if one else 'them'}: {include} (or build {'it' if one else 'them'} first)")
 
 
-def read_config(config: Path) -> Any:
-    """The project's config (:class:`~mmat_assets.config.MmatConfig`); a missing file, bad
+def read_config(config: Path) -> ProjectConfig:
+    """The project's config (:class:`~mmat_assets.config.ProjectConfig`); a missing file, bad
     YAML, a broken ``extends:`` or a value that fails validation is a :class:`BuildError` of
     one line naming the file (a usage error, exit 2), for every command that reads it."""
     from mmat_assets.config import ConfigError, load_config
