@@ -34,6 +34,8 @@ def read(args: tuple[list[str], int | None]) -> tuple[float, list[Any]]:
 
     if threads:
         os.environ[THREADS_ENV] = str(threads)
+    else:  # "default pool" means onnxruntime's default, even where the caller's shell set a limit
+        os.environ.pop(THREADS_ENV, None)
     from mmat_plugins.tools_ocr import OcrTool
 
     tool = OcrTool({})

@@ -72,8 +72,8 @@ def test_ocr_sizes_onnxruntimes_pool_to_the_limit_and_leaves_its_default_without
 
 @pytest.mark.slow
 def test_each_worker_of_a_build_is_limited_to_its_share(tmp_path: Path, clean_env: pytest.MonkeyPatch) -> None:
-    """The pool ``mmat build --workers 2`` uses: both processes have their share set before
-    their definitions load, and the parent is left as it was."""
+    """The pool ``mmat build --workers 2`` uses: the processes that run its tasks have their
+    share set (before their definitions load), and the parent is left as it was."""
     from mmat_assets.runner import worker_pool
 
     clean_env.setattr(cpu, "cores", lambda: 4)  # the share is computed here, in the parent
