@@ -11,9 +11,10 @@ its base class's abstract methods works in a build. Class attributes (``probe_ar
 ``claim_patterns``, ``ground_truth_meta``, ``request_kinds``...) are how a plugin tells the
 host what it needs to know about it: the host never names a plugin.
 
-Typing: the role bases are generic in their options model, so ``class MyTool(Tool[MyOptions])``
-with ``Options = MyOptions`` makes ``self.options.x`` type-check; a bare ``Tool`` has
-options of type ``Any``.
+Options: the role bases are generic in their options model. ``class MyTool(Tool[MyOptions])``
+is all a plugin writes: ``Options`` is taken from the type argument (see
+:meth:`Component.__init_subclass__`), and ``self.options.x`` type-checks. A bare ``Tool``
+takes no options; an explicit ``Options = ...`` in the class body still wins.
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ class Component(ABC, Generic[OptionsT]):
     version: ClassVar[str] = "0.1.0"
     description: ClassVar[str] = ""
     prompt_version: ClassVar[str] = ""
-    #: The options model, validated from the component's ``options`` in ``mmat.yaml``.
+    #: The options model, validated from the component's ``options`` in ``mmat.yaml``: the
+    #: class's type argument (``Tool[MyOptions]``) unless the class body sets it.
     Options: type[OptionsT] = NoOptions  # type: ignore[assignment]  # the default takes no options
     options: OptionsT
     #: Directory that relative paths in the options resolve against (the config file's).
@@ -66,6 +68,18 @@ class Component(ABC, Generic[OptionsT]):
     #: <mmat_assets.plugins.Registry.create>`), so an ``__init__`` may already resolve paths;
     #: a component built directly gets the working directory.
     base_dir: Path
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Take ``Options`` from the options type the class names in its bases, so that the
+        type is written once (``class MyTool(Tool[MyOptions])``)."""
+        super().__init_subclass__(**kwargs)
+        if "Options" in vars(cls):
+            return
+        for base in vars(cls).get("__orig_bases__", ()):
+            args = [a for a in getattr(base, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)]
+            if args:
+                cls.Options = args[0]  # type: ignore[assignment]  # the argument is this class's OptionsT
+                return
 
     def __init__(self, options: BaseModel | Mapping[str, Any] | None = None) -> None:
         if isinstance(options, BaseModel):
@@ -125,7 +139,7 @@ class Source(Component[OptionsT]):
 
     #: Licence carried by rows that do not name their own.
     license: ClassVar[str] = "unknown"
-    #: Family name recorded on every row (``tabmwp``, ``llava_cot``, ...).
+    #: Family name recorded on every row (``the_cauldron``...); empty: the source's ``name``.
     dataset: ClassVar[str] = ""
     #: ``meta`` fields whose text is what the image shows (TabMWP's ``table``). Reflection
     #: reads them as ground truth: a number found there that a thought uses must have come

@@ -197,7 +197,6 @@ class KitRows(contracts.Source[KitRowsOptions]):
     version = "1.0.0"
     license = "CC0-1.0"
     description = "Small rendered tables with addition questions (the test kit's source)."
-    Options = KitRowsOptions
 
     def read(self) -> Iterator[contracts.SourceRow]:
         for i in range(self.options.rows):
@@ -285,31 +284,34 @@ class KitTrainer(contracts.Trainer[contracts.NoOptions]):
         return answer
 
 
-class KitPlugin:
-    """The kit's own plugin object: its source, teacher, exporter and trainer."""
+def plugin_of(*classes: type[contracts.Component[Any]], name: str = "test_plugin") -> type:
+    """A plugin object that registers ``classes``, each from its role's hook: what a test or
+    a notebook hands to ``load_registry(plugins=[...])`` or :func:`build_with` without writing
+    a ``@hookimpl`` function per role. ``name`` is the plugin's name (:func:`plugin_name
+    <mmat_assets.plugins.plugin_name>`, ``MMAT_BLOCK_PLUGINS``). A class that is not a
+    subclass of exactly one role base raises ``TypeError``."""
+    from mmat_assets.hookspecs import ROLES
 
-    @staticmethod
-    @hookimpl
-    def register_sources(register: Register) -> None:
-        register(KitRows)
+    hook_of = {role: hook for hook, role in ROLES.items()}
+    by_hook: dict[str, list[type]] = {}
+    for cls in classes:
+        role = _role_of(cls)
+        if role is None:
+            raise TypeError(f"{cls!r} is not a subclass of exactly one of the contracts' role bases")
+        by_hook.setdefault(hook_of[role], []).append(cls)
 
-    @staticmethod
-    @hookimpl
-    def register_teachers(register: Register) -> None:
-        register(KitTeacher)
+    def hook(registered: list[type]) -> staticmethod[[Register], None]:
+        def register_all(register: Register) -> None:
+            for cls in registered:
+                register(cls)
 
-    @staticmethod
-    @hookimpl
-    def register_exporters(register: Register) -> None:
-        register(KitExporter)
+        return staticmethod(hookimpl(register_all))
 
-    @staticmethod
-    @hookimpl
-    def register_trainers(register: Register) -> None:
-        register(KitTrainer)
+    return type(name, (), {h: hook(found) for h, found in by_hook.items()})
 
 
-# ------------------------------------------------------------------------- builds
+#: The kit's own plugin object: its source, teacher, exporter and trainer.
+KitPlugin = plugin_of(KitRows, KitTeacher, KitExporter, KitTrainer, name="KitPlugin")
 
 
 @dataclass
@@ -419,5 +421,5 @@ def mmat_build(tmp_path: Path) -> Callable[..., KitBuild]:
 
 
 __all__ = ["KitBuild", "KitExporter", "KitPlugin", "KitRows", "KitTeacher", "KitTrainer", "assert_plugin", "build_with", "check_class",
-           "check_plugin", "kit_config", "mmat_build"]
+           "check_plugin", "kit_config", "mmat_build", "plugin_of"]
 

@@ -33,10 +33,8 @@ class _Options(BaseModel):
     limit: int | None = Field(default=None, description="Score only the first N items.")
 
 
-class _FileBenchmark(Benchmark):
+class _FileBenchmark(Benchmark[_Options]):
     """Reads items from a file; ``limit`` keeps the first N, whatever the format."""
-
-    Options = _Options
 
     @property
     def file(self) -> Path:

@@ -41,8 +41,6 @@ class TeacherJudge(Judge[JudgeOptions]):
     version = "1.0.0"
     prompt_version = PROMPT_VERSION
     description = "Quality score 0-1 with reasons, written by a model-backed teacher."
-    Options = JudgeOptions
-    options: JudgeOptions
 
     def __init__(self, options: BaseModel | Mapping[str, Any] | None = None) -> None:
         super().__init__(options)

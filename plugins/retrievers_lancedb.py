@@ -58,14 +58,12 @@ class LanceDBOptions(BaseModel):
                                  description="Index only the first N documents (demos).")
 
 
-class LanceDBRetriever(Retriever):
+class LanceDBRetriever(Retriever[LanceDBOptions]):
     """Hybrid (full-text + vector) search over a local LanceDB table."""
 
     name = "lancedb"
     version = "1.0.0"
     description = "Offline hybrid search over Wikipedia summaries (or a configured corpus)."
-    Options = LanceDBOptions
-    options: LanceDBOptions
 
     def __init__(self, options: Any = None) -> None:
         super().__init__(options)

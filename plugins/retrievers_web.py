@@ -56,14 +56,12 @@ class WebSearchOptions(BaseModel):
                                    description="Extra query parameters (language, categories).")
 
 
-class WebSearchRetriever(Retriever):
+class WebSearchRetriever(Retriever[WebSearchOptions]):
     """Web search over a SearxNG-style JSON API, with retries and a per-run quota."""
 
     name = "web_search"
     version = "1.0.0"
     description = "Web search through a SearxNG-compatible JSON API."
-    Options = WebSearchOptions
-    options: WebSearchOptions
 
     def __init__(self, options: Any = None) -> None:
         super().__init__(options)

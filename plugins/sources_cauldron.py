@@ -56,7 +56,6 @@ class CauldronSource(PathSource[CauldronOptions]):
     version = "1.0.0"
     license = "CC-BY-4.0"
     description = "The Cauldron Parquet shards (images + user/assistant texts), per-subset licences."
-    Options = CauldronOptions
 
     def shards(self) -> list[Path]:
         """The Parquet files to read, in a stable order; a missing path raises."""

@@ -56,11 +56,9 @@ class InfoSeekSource(FileSource[InfoSeekOptions]):
     """InfoSeek questions: gold answer is the first answer; all answers and the entity in meta."""
 
     name = "infoseek"
-    dataset = "infoseek"
     version = "1.0.0"
     license = "Apache-2.0"
     description = "InfoSeek JSONL (knowledge-seeking VQA over OVEN images)."
-    Options = InfoSeekOptions
 
     def read(self) -> Iterator[SourceRow | BadRow]:
         entities = self._entities()

@@ -40,11 +40,9 @@ class LlavaCoTSource(FileSource[LlavaCoTOptions]):
     """LLaVA-CoT conversations: one row per human/gpt pair, staged reasoning as rationale."""
 
     name = "llava_cot"
-    dataset = "llava_cot"
     version = "1.0.0"
     license = "Apache-2.0"
     description = "LLaVA-CoT-100k train.jsonl: VQA with SUMMARY/CAPTION/REASONING/CONCLUSION stages."
-    Options = LlavaCoTOptions
 
     def read(self) -> Iterator[SourceRow | BadRow]:
         yield from guarded_records(iter_jsonl_objects(self.file), self._rows, line_id)

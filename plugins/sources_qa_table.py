@@ -60,10 +60,8 @@ class QATableSource(FileSource[QATableOptions]):
     """Any JSONL/Parquet QA table, mapped column by column onto source rows."""
 
     name = "qa_table"
-    dataset = "qa_table"
     version = "1.0.0"
     description = "Generic JSONL/Parquet QA table read through a column mapping (licence required)."
-    Options = QATableOptions
 
     def __init__(self, options: BaseModel | Mapping[str, Any] | None = None) -> None:
         super().__init__(options)

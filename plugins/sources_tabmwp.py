@@ -38,12 +38,10 @@ class TabMWPSource(PathSource[TabMWPOptions]):
     """TabMWP problems with their rendered table images and gold solutions."""
 
     name = "tabmwp"
-    dataset = "tabmwp"
     version = "1.0.0"
     license = "CC BY-NC-SA 4.0"
     description = "TabMWP math word problems over table images (problems.json + tables/)."
     ground_truth_meta = ("table",)  # the table's text is what the image shows
-    Options = TabMWPOptions
 
     def image_root(self) -> Path:
         return self.root / self.options.tables_dir

@@ -72,11 +72,9 @@ class VisualCoTSource(FileSource[VisualCoTOptions]):
     """Visual CoT questions with their key-region boxes (in meta) and a short region rationale."""
 
     name = "visual_cot"
-    dataset = "visual_cot"
     version = "1.0.0"
     license = "Apache-2.0"
     description = "Visual CoT (viscot_363k.json or metadata JSONL): VQA with key-region boxes."
-    Options = VisualCoTOptions
 
     def read(self) -> Iterator[SourceRow | BadRow]:
         yield from guarded_records(self._records(), self._row)

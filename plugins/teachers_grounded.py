@@ -103,7 +103,7 @@ def _parts(rationale: str) -> int:
     return max(2, min(MAX_PARTS, -(-len(rationale) // PIECE_CHARS)))
 
 
-class GroundedTeacher(Teacher):
+class GroundedTeacher(Teacher[GroundedOptions]):
     """Deterministic teacher grounded in gold rationales and real tool output."""
 
     name = "grounded"
@@ -111,8 +111,6 @@ class GroundedTeacher(Teacher):
     model = "grounded-1"
     description = "Deterministic teacher: gold rationale + the tools the image needs (no model, no key)."
     request_kinds = frozenset({"step"})  # works from the step context: it cannot judge or caption
-    Options = GroundedOptions
-    options: GroundedOptions
 
     def complete(self, request: TeacherRequest) -> TeacherReply:
         if request.kind != "step":

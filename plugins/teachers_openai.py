@@ -221,15 +221,13 @@ class _Session:
     keeper: Any = None
 
 
-class OpenAITeacher(Teacher):
+class OpenAITeacher(Teacher[OpenAIOptions]):
     """GPT-4o, or any OpenAI-compatible chat-completions server, as a teacher."""
 
     name = "openai"
     version = "1.0.0"
     description = ("Any OpenAI-compatible chat-completions endpoint (OpenAI, Azure, vLLM, "
                    "llama.cpp server, transformers serve); GPT-4o by default.")
-    Options = OpenAIOptions
-    options: OpenAIOptions
 
     def __init__(self, options: BaseModel | Mapping[str, Any] | None = None) -> None:
         super().__init__(options)

@@ -66,7 +66,7 @@ class CaptionOptions(BaseModel):
     max_objects: int = Field(default=20, ge=1, description="Scene-graph objects kept.")
 
 
-class CaptionTool(Tool):
+class CaptionTool(Tool[CaptionOptions]):
     """Question-focused caption from a teacher-written scene graph (two teacher calls)."""
 
     name = "image_caption"
@@ -76,8 +76,6 @@ class CaptionTool(Tool):
         "graph of the objects, their attributes and relations. Use it first to learn what "
         "the image shows."
     )
-    Options = CaptionOptions
-    options: CaptionOptions
     probe_args = {"question": "What does the image show?"}
 
     def __init__(self, options: Any = None) -> None:

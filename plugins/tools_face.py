@@ -32,7 +32,7 @@ class FaceOptions(BaseModel):
                              "scaled down for detection (YuNet degrades above ~960 px).")
 
 
-class FaceDetectionTool(Tool):
+class FaceDetectionTool(Tool[FaceOptions]):
     """Counts faces and gives their pixel boxes, in the paper's phrasing."""
 
     name = "face_detection"
@@ -41,8 +41,6 @@ class FaceDetectionTool(Tool):
         "Detects human faces and returns how many there are with their pixel boxes "
         "[x1, y1, x2, y2]. Use it for questions about people: how many, who is where."
     )
-    Options = FaceOptions
-    options: FaceOptions
     claim_patterns = (r"\bfaces? (?:detected|found)\b", rf"\bface detection {CLAIM_VERBS}\b")
 
     def availability(self) -> Availability:

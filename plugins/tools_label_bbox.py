@@ -43,7 +43,7 @@ class LabelBboxOptions(BaseModel):
                                   description="Hugging Face cache directory (default: HF_HOME).")
 
 
-class LabelBboxTool(Tool):
+class LabelBboxTool(Tool[LabelBboxOptions]):
     """Finds named objects; boxes normalised to 0–1 as ``{name: [[x1, y1, x2, y2], ...]}``."""
 
     name = "label_bbox"
@@ -54,8 +54,6 @@ class LabelBboxTool(Tool):
         "normalised to 0-1 (an empty list when not found). Use it to locate, count or "
         "compare the positions of objects."
     )
-    Options = LabelBboxOptions
-    options: LabelBboxOptions
     probe_args = {"objects": ["person", "flag"]}
     claim_patterns = (rf"\b(?:detector|label_bbox) {CLAIM_VERBS}\b",)
 

@@ -41,7 +41,7 @@ class OcrOptions(BaseModel):
     )
 
 
-class OcrTool(Tool):
+class OcrTool(Tool[OcrOptions]):
     """PP-OCR text recognition; the text in reading order, boxes and scores in data."""
 
     name = "ocr"
@@ -51,8 +51,6 @@ class OcrTool(Tool):
         "line; table rows come out as rows with cells separated by ' | '. Use it for "
         "documents, tables, charts, signs and any question about written text or numbers."
     )
-    Options = OcrOptions
-    options: OcrOptions
     claim_patterns = (rf"\bOCR {CLAIM_VERBS}\b",)
 
     def __init__(self, options: Any = None) -> None:

@@ -147,14 +147,12 @@ class LoopState:
     last_loss: float = math.nan
 
 
-class HFLoRATrainer(Trainer):
+class HFLoRATrainer(Trainer[HFLoRAOptions]):
     """LoRA SFT of a student VLM (LLaVA family, SmolVLM/Idefics3, ...) with a plain torch loop."""
 
     name = "hf_lora"
     version = "0.1.0"
     description = "LoRA fine-tuning with transformers + peft; loss on assistant turns only."
-    Options = HFLoRAOptions
-    options: HFLoRAOptions
 
     def availability(self) -> Availability:
         missing = [m for m in ("torch", "transformers", "peft") if importlib.util.find_spec(m) is None]

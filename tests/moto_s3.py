@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
+
+import pytest
 
 
 @contextlib.contextmanager
@@ -23,17 +24,13 @@ def moto_s3(bucket: str, *, endpoint_env: bool = False) -> Iterator[str]:
     env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
     if endpoint_env:
         env["AWS_ENDPOINT_URL_S3"] = url
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
     try:
-        import boto3
+        with pytest.MonkeyPatch.context() as mp:
+            for k, v in env.items():
+                mp.setenv(k, v)
+            import boto3
 
-        boto3.client("s3", endpoint_url=url).create_bucket(Bucket=bucket)
-        yield url
+            boto3.client("s3", endpoint_url=url).create_bucket(Bucket=bucket)
+            yield url
     finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
         server.stop()

@@ -13,9 +13,8 @@ import tests.contract_plugins as plain
 from mmat_assets import protocol
 from mmat_assets.contracts import Judge, StepContext, TeacherRequest, Tool, ToolResult
 from mmat_assets.engine.rationale import STEP_SCHEMA, step_context
-from mmat_assets.hookspecs import hookimpl
 from mmat_assets.plugins import load_registry
-from mmat_assets.testing import KitBuild, build_with, check_plugin
+from mmat_assets.testing import KitBuild, build_with, check_plugin, plugin_of
 from tests.stage_fakes import EchoTool, ScriptedTeacher, environment, samples
 
 #: The fingerprint of one step request, computed before the context had a type: the
@@ -58,11 +57,7 @@ class PathTool(Tool):
         return ToolResult(str(self.home))
 
 
-class _PathPlugin:
-    @staticmethod
-    @hookimpl
-    def register_tools(register: Any) -> None:
-        register(PathTool)
+_PathPlugin = plugin_of(PathTool, name="_PathPlugin")
 
 
 def test_the_registry_passes_base_dir_before_init_and_plain_construction_still_works(tmp_path: Path) -> None:
@@ -71,6 +66,47 @@ def test_the_registry_passes_base_dir_before_init_and_plain_construction_still_w
     tool = reg.create("tool", "path_tool", base_dir=tmp_path)
     assert tool.base_dir == tmp_path and tool.home == (tmp_path / "data").resolve()
     assert PathTool().base_dir == Path.cwd()  # built directly: the working directory, as before
+
+
+def test_options_come_from_the_type_argument_unless_the_class_sets_them() -> None:
+    from pydantic import BaseModel
+
+    from mmat_assets.contracts import NoOptions
+
+    class Opts(BaseModel):
+        word: str = "hello"
+
+    class Other(BaseModel):
+        n: int = 1
+
+    class Named(Tool[Opts]):
+        name = "named"
+
+        def run(self, image: Path, args: Any) -> ToolResult:
+            return ToolResult(self.options.word)
+
+    class Explicit(Tool[Opts]):
+        name = "explicit"
+        Options = Other  # type: ignore[assignment]
+
+    class Child(Named):
+        pass
+
+    assert Named.Options is Opts and Named({"word": "hi"}).options.word == "hi"
+    assert Explicit.Options is Other and Child.Options is Opts and Tool.Options is NoOptions
+    with pytest.raises(ValueError, match="word"):
+        Named({"word": 3})
+
+
+def test_plugin_of_registers_each_class_under_its_role() -> None:
+    plugin = plugin_of(plain.PlainTool, plain.PlainSource, plain.PlainTrainer, name="three")
+    reg = load_registry(builtins=(), entry_points=False, plugins=[plugin])
+    assert reg.errors == []
+    assert {(i.role, i.name, i.plugin) for i in reg.all()} == {
+        ("tool", "plain_tool", "three"), ("source", "plain_source", "three"), ("trainer", "plain_trainer", "three")}
+    assert check_plugin(plugin) == []
+    with pytest.raises(TypeError, match="role bases"):
+        plugin_of(dict)  # type: ignore[arg-type]
 
 
 def test_check_plugin_names_each_contract_problem() -> None:
@@ -204,11 +240,7 @@ def test_reflection_reads_claims_and_ground_truth_from_what_plugins_declare() ->
     assert not any("the number 7" in d for d in elsewhere)  # no declaration: 7 is just the answer
 
 
-class _ProbedPlugin:
-    @staticmethod
-    @hookimpl
-    def register_tools(register: Any) -> None:
-        register(_ProbedTool)
+_ProbedPlugin = plugin_of(_ProbedTool, name="_ProbedPlugin")
 
 
 def test_adding_or_removing_a_tool_changes_the_code_versions_of_the_dialogues(tmp_path: Path) -> None:

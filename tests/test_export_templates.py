@@ -88,16 +88,10 @@ def test_the_swift_plugin_registers_chatml_with_the_image_tag_kept() -> None:
     modules["swift.template"].register_template = registered.append  # type: ignore[attr-defined]
     modules["swift.template.templates.llava"].LlavaHfTemplate = LlavaHfTemplate  # type: ignore[attr-defined]
     modules["swift.template.templates.utils"].ChatmlTemplateMeta = ChatmlTemplateMeta  # type: ignore[attr-defined]
-    saved = {k: sys.modules.get(k) for k in modules}
-    sys.modules.update(modules)
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        for name, module in modules.items():
+            mp.setitem(sys.modules, name, module)
         exec(compile(SWIFT_TEMPLATE, "swift_template.py", "exec"), {})
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                sys.modules.pop(k, None)
-            else:
-                sys.modules[k] = v
     (meta,) = registered
     assert meta.name == TEMPLATE_NAME and issubclass(meta.template_cls, LlavaHfTemplate)
     # the student's prompt has "<image>" straight before the question, no newline

@@ -29,7 +29,6 @@ class SwatchSource(Source[SwatchOptions]):
     version = "0.3.1"
     license = "CC0-1.0"
     description = "Generated colour swatches."
-    Options = SwatchOptions
 
     def read(self) -> Iterator[SourceRow]:
         for colour, rgb in COLOURS.items():
