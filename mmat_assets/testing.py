@@ -314,6 +314,9 @@ def plugin_of(*classes: type[contracts.Component[Any]], name: str = "test_plugin
 KitPlugin = plugin_of(KitRows, KitTeacher, KitExporter, KitTrainer, name="KitPlugin")
 
 
+# ------------------------------------------------------------------------- builds
+
+
 @dataclass
 class KitBuild:
     """What a kit build did: the build summary, and readers for what it wrote."""
