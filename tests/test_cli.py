@@ -78,6 +78,7 @@ def test_plugins_names_a_plugin_that_exits_at_import_and_fails(tmp_path: Path, m
     assert res.exit_code == 1 and any("exits_at_import" in e for e in json.loads(res.output)["errors"])
 
 
+@pytest.mark.slow
 def test_build_materializes_selected_shards_and_reports_json(tmp_path: Path) -> None:
     data = REPO / "tests" / "fixtures" / "qa_table"
     jsonl = next(p for p in data.iterdir() if p.suffix == ".jsonl")
@@ -97,6 +98,7 @@ def test_build_materializes_selected_shards_and_reports_json(tmp_path: Path) -> 
     assert counts["rows_read"] == 6 and 0 < counts["rows_quarantined"] <= 3
 
 
+@pytest.mark.slow
 def test_build_fails_when_every_row_of_a_source_is_quarantined(tmp_path: Path) -> None:
     """Columns that name nothing in the file: every row quarantined, which is no success."""
     data = REPO / "tests" / "fixtures" / "qa_table"
@@ -108,6 +110,7 @@ def test_build_fails_when_every_row_of_a_source_is_quarantined(tmp_path: Path) -
     assert re.search(r"source_samples/qa: every row failed \(6 of 6\)", out.stdout), out.stdout
 
 
+@pytest.mark.slow
 def test_build_fails_with_a_readable_summary(tmp_path: Path) -> None:
     cfg = write_project(tmp_path, {"gone": {"plugin": "qa_table", "options": {
         "path": "does-not-exist.jsonl", "license": "CC0-1.0",
@@ -128,6 +131,7 @@ def test_build_fails_with_a_readable_summary(tmp_path: Path) -> None:
     assert re.search(r"^\[1/\d+\] .*failures \d+", out.stdout, re.M)  # not a terminal: a progress line per run
 
 
+@pytest.mark.slow
 def test_build_on_a_terminal_shows_a_live_progress_bar_and_fails_readably(tmp_path: Path) -> None:
     """Through a pseudo-terminal (util-linux ``script``): the live bar, then the summary."""
     cfg = write_project(tmp_path, {"qa": {"plugin": "qa_table", "options": {

@@ -246,6 +246,7 @@ def assert_same_outputs(ref: Reference, store: Path) -> None:
 # ---------------------------------------------------------------------------- tests
 
 
+@pytest.mark.slow
 def test_two_builds_at_once_pay_for_every_request_once(project: Project, reference: Reference) -> None:
     project.wipe()
     procs = [project.start(f"pair-{i}") for i in range(2)]  # same moment, same fresh Dagster home
@@ -258,6 +259,7 @@ def test_two_builds_at_once_pay_for_every_request_once(project: Project, referen
     assert not list(project.store.rglob("*.lease")) and not list(project.store.rglob("*.tmp"))
 
 
+@pytest.mark.slow
 def test_foundation_builds_at_once_keep_every_row(tmp_path: Path) -> None:
     """Three foundation builds of one project at once, on many images: each build reads every
     row and stores every image, whoever stores an image first; the media store stays whole."""
@@ -284,6 +286,7 @@ def test_foundation_builds_at_once_keep_every_row(tmp_path: Path) -> None:
     assert images == {p.stem for p in media}
 
 
+@pytest.mark.slow
 def test_a_killed_build_is_taken_over_without_repeating_answers(project: Project, reference: Reference) -> None:
     project.wipe()
     project.recorder.kill_at = 3  # at the third second step: answers stored, other requests in flight
@@ -311,6 +314,7 @@ def test_a_killed_build_is_taken_over_without_repeating_answers(project: Project
 
 @pytest.mark.parametrize(("sig", "workers"), [(signal.SIGTERM, 2), (signal.SIGKILL, 2), (signal.SIGTERM, 1)],
                          ids=["SIGTERM", "SIGKILL", "SIGTERM-in-process"])
+@pytest.mark.slow
 def test_a_stopped_build_stops_its_workers_and_the_rerun_resumes(project: Project, reference: Reference,
                                                                  sig: int, workers: int) -> None:
     # SIGTERM is handled: the build interrupts its workers and waits for them. SIGKILL cannot
@@ -385,6 +389,7 @@ def s3_env() -> Iterator[dict[str, str]]:
         server.stop()
 
 
+@pytest.mark.slow
 def test_two_prod_builds_at_once_on_s3_pay_for_every_request_once(
         project: Project, reference: Reference, s3_env: dict[str, str]) -> None:
     """The prod profile: tables, media, caches, leases and answers all on S3 (moto)."""

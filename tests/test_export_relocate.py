@@ -105,6 +105,7 @@ def _swift_resolve(path: str, root_image_dir: Path) -> Path:
     return Path(path) if os.path.exists(path) else root_image_dir / path
 
 
+@pytest.mark.slow
 def test_the_data_version_does_not_depend_on_the_build_folder(builds: tuple[Build, Build]) -> None:
     a, b = builds
     for name in EXPORTERS:

@@ -224,6 +224,7 @@ def test_the_instances_monitor_their_runs(tmp_path: Path) -> None:
         assert yaml.safe_load((REPO / "infra" / path).read_text())["run_monitoring"] == local, path
 
 
+@pytest.mark.slow
 def test_the_daemon_fails_a_run_whose_worker_never_came_up(tmp_path: Path) -> None:
     """On a real instance (PostgreSQL, the team deployment's run monitoring, a daemon serving
     the project): a launched run whose worker died before it started the run is failed by the

@@ -152,6 +152,7 @@ def test_two_contenders_one_winner(where: dict[str, str], tmp_path: Path) -> Non
     assert all(r["taken_over"] == 0 for r in results)  # nobody expired: no takeover
 
 
+@pytest.mark.slow
 def test_expired_lease_is_taken_over(where: dict[str, str]) -> None:
     # 8 s: long enough that a slow exit of the child on a busy machine leaves k0 live here
     wait_all([spawn(f"die_holding({where['root']!r}, {where['endpoint']!r}, 3, 8.0, {ELSEWHERE!r})")])

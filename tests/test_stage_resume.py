@@ -80,6 +80,7 @@ def killing_server() -> Iterator[tuple[HookedFakeOpenAI, Killer]]:
         yield fake, killer
 
 
+@pytest.mark.slow
 def test_a_killed_shard_resumes_without_repeating_answered_requests(
         rows: Path, tmp_path: Path, killing_server: tuple[HookedFakeOpenAI, Killer]) -> None:
     fake, killer = killing_server

@@ -162,6 +162,7 @@ def test_truncation_stops_the_run(student_dir: Path, tmp_path: Path) -> None:
         trainer.train(export, tmp_path / "out")
 
 
+@pytest.mark.slow
 def test_training_through_dagster_pipes(student_dir: Path, tmp_path: Path) -> None:
     export = write_export(tmp_path / "export", [orr_record(n) for n in COLOURS])
 
