@@ -100,7 +100,7 @@ class OcrTool(Tool[OcrOptions]):
 
 def engine_params() -> dict[str, Any]:
     """rapidocr's settings: a quiet log (its INFO log prints model paths on every load) and,
-    where this process is limited to some threads (a build's worker), onnxruntime's pools
+    where this process is limited to some threads (a build's worker, a CPU quota), onnxruntime's pools
     sized to them instead of one thread per core."""
     params: dict[str, Any] = {"Global.log_level": "warning"}
     threads = cpu_threads()

@@ -53,6 +53,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mmat_assets.contracts import Availability, Responder, Trainer
 from mmat_assets.hookspecs import Register, hookimpl
+from mmat_assets.toolkit.cpu import cpu_threads
 from mmat_assets.toolkit.export import IMAGE_TAG, Record
 from mmat_assets.toolkit.images import file_sha256
 
@@ -130,7 +131,9 @@ class HFLoRAOptions(BaseModel):
     bf16: bool | None = Field(default=None, description="bfloat16 autocast; default on with CUDA, off on CPU.")
     device: str | None = Field(default=None, description="torch device; default cuda when available, else cpu.")
     cpu_threads: int | None = Field(default=None, ge=1, description="torch intra-op threads while training "
-                                    "(default torch's choice); on a shared CPU, 1 can be many times faster.")
+                                    "and generating (default: the process's limit, MMAT_CPU_THREADS or a CPU "
+                                    "quota, where there is one, else torch's choice); on a shared CPU, 1 can "
+                                    "be many times faster.")
     log_every: int = Field(default=10, ge=1, description="Steps per logged (and plotted) mean loss.")
 
 
@@ -153,6 +156,10 @@ class HFLoRATrainer(Trainer[HFLoRAOptions]):
     name = "hf_lora"
     version = "0.1.0"
     description = "LoRA fine-tuning with transformers + peft; loss on assistant turns only."
+
+    def _threads(self) -> int | None:
+        """torch's intra-op threads: the option, else this process's limit (None: torch's choice)."""
+        return self.options.cpu_threads or cpu_threads()
 
     def availability(self) -> Availability:
         missing = [m for m in ("torch", "transformers", "peft") if importlib.util.find_spec(m) is None]
@@ -189,7 +196,7 @@ class HFLoRATrainer(Trainer[HFLoRAOptions]):
         else:
             model, processor = load_student(student)
         model.eval()
-        return StudentResponder(model, processor, max_new_tokens, self.options.cpu_threads)
+        return StudentResponder(model, processor, max_new_tokens, self._threads())
 
     def token_counter(self, student: str) -> Callable[[str], int] | None:
         """Tokens ``student``'s tokenizer spends on a text (no weights loaded)."""
@@ -201,7 +208,7 @@ class HFLoRATrainer(Trainer[HFLoRAOptions]):
     # ----------------------------------------------------------------------- train
 
     def train(self, export_dir: Path, out_dir: Path) -> dict[str, Any]:
-        with torch_threads(self.options.cpu_threads):
+        with torch_threads(self._threads()):
             return self._train(Path(export_dir), Path(out_dir))
 
     def _train(self, export_dir: Path, out_dir: Path) -> dict[str, Any]:

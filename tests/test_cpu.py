@@ -25,12 +25,52 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
 
 
 def test_nothing_limits_the_threads_unless_the_variable_holds_a_whole_number(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setattr(cpu, "cores", lambda: os.cpu_count() or 1)  # no quota, no affinity
     assert cpu.cpu_threads() is None
     for bad in ("0", "-2", "two", "1.5", ""):
         clean_env.setenv(cpu.THREADS_ENV, bad)
         assert cpu.cpu_threads() is None, bad
     clean_env.setenv(cpu.THREADS_ENV, " 3 ")
     assert cpu.cpu_threads() == 3
+
+
+@pytest.mark.parametrize(("files", "expected"), [
+    ({"cpu.max": "150000 100000\n"}, 2),  # cgroup v2, 1.5 CPUs: rounded up
+    ({"cpu.max": "50000 100000\n"}, 1),
+    ({"cpu.max": "max 100000\n"}, None),  # v2 without a quota
+    ({"cpu/cpu.cfs_quota_us": "400000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 4),  # cgroup v1
+    ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+    ({"cpu.max": "garbage"}, None),
+    ({}, None),  # no cgroup file system
+], ids=["v2-1.5", "v2-0.5", "v2-max", "v1-4", "v1-none", "unreadable", "none"])
+def test_a_cgroup_quota_is_read_as_whole_cpus(tmp_path: Path, files: dict[str, str], expected: int | None) -> None:
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert cpu.quota_cores(tmp_path) == expected
+
+
+def test_a_quota_below_the_machines_cpus_limits_the_threads(clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A run pod limited to 2 CPUs on a 16-core node: its models get 2 threads, not 16."""
+    (tmp_path / "cpu.max").write_text("200000 100000\n")
+    clean_env.setattr(cpu, "CGROUP_ROOT", tmp_path)
+    clean_env.setattr(cpu.os, "cpu_count", lambda: 16)
+    clean_env.setattr(cpu.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert cpu.cores() == 2 and cpu.cpu_threads() == 2 and cpu.worker_share(2) == 1
+    clean_env.setenv(cpu.THREADS_ENV, "1")  # a set limit still wins
+    assert cpu.cpu_threads() == 1
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    clean_env.delenv(cpu.THREADS_ENV)
+    assert cpu.cores() == 16 and cpu.cpu_threads() is None
+
+
+def test_the_trainer_takes_its_option_else_the_processes_limit(clean_env: pytest.MonkeyPatch) -> None:
+    from mmat_plugins.trainers_hf_lora import HFLoRATrainer
+
+    clean_env.setattr(cpu, "cores", lambda: os.cpu_count() or 1)
+    assert HFLoRATrainer({})._threads() is None  # torch's own choice
+    clean_env.setenv(cpu.THREADS_ENV, "3")
+    assert HFLoRATrainer({})._threads() == 3 and HFLoRATrainer({"cpu_threads": 2})._threads() == 2
 
 
 def test_a_workers_share_divides_the_cores_or_the_set_limit_and_is_at_least_one(
@@ -65,6 +105,7 @@ def test_ocr_sizes_onnxruntimes_pool_to_the_limit_and_leaves_its_default_without
         assert tool.run(table, {}).text  # rapidocr opens its sessions on the first image
         return int(tool.engine().text_det.session.session.get_session_options().intra_op_num_threads)
 
+    clean_env.setattr(cpu, "cores", lambda: os.cpu_count() or 1)  # no quota, no affinity
     assert intra_op_threads() == 0  # onnxruntime's own choice: a thread per core
     clean_env.setenv(cpu.THREADS_ENV, "1")
     assert intra_op_threads() == 1
@@ -86,3 +127,28 @@ def test_each_worker_of_a_build_is_limited_to_its_share(tmp_path: Path, clean_en
     finally:
         pool.shutdown(wait=True)
     assert cpu.cpu_threads() is None
+
+
+def test_a_process_in_a_real_cgroup_with_a_quota_sees_the_quota(tmp_path: Path) -> None:
+    """A child moved into a cgroup limited to 1 CPU reports 1 core and limits its models to 1
+    thread; skipped where this process cannot make a cgroup (not root, no v1 cpu controller)."""
+    import subprocess
+    import uuid
+
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("one CPU: a 1-CPU quota limits nothing")
+    group = cpu.CGROUP_ROOT / "cpu" / f"mmat-test-{uuid.uuid4().hex[:8]}"
+    try:
+        group.mkdir()
+    except OSError as exc:
+        pytest.skip(f"cannot make a cgroup here: {exc}")
+    try:
+        (group / "cpu.cfs_quota_us").write_text(str(int((group / "cpu.cfs_period_us").read_text())))
+        code = ("import os, sys; open(sys.argv[1], 'w').write(str(os.getpid()));"
+                "from mmat_assets.toolkit import cpu; print(cpu.quota_cores(), cpu.cores(), cpu.cpu_threads())")
+        env = {k: v for k, v in os.environ.items() if k != cpu.THREADS_ENV}
+        out = subprocess.run([sys.executable, "-c", code, str(group / "tasks")], capture_output=True, text=True,
+                             env=env, check=True, timeout=60)
+        assert out.stdout.split() == ["1", "1", "1"], out.stderr
+    finally:
+        group.rmdir()
