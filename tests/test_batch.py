@@ -391,6 +391,7 @@ def s3() -> Iterator[str]:
             moto.stop()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("store", ["local", "s3"])
 def test_a_run_killed_while_polling_resumes_polling(rows: pl.DataFrame, online: pl.DataFrame, server: FakeBatchAPI,
                                                    tmp_path: Path, store: str, request: pytest.FixtureRequest) -> None:

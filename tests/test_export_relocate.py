@@ -66,6 +66,10 @@ def _export(root: Path, name: str) -> Path:
     return root / "store" / "exports" / name
 
 
+#: Every test here reads the exported files of two real builds of one project.
+pytestmark = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def student_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_test_student(student_cache(request, tmp_path_factory))
@@ -105,7 +109,6 @@ def _swift_resolve(path: str, root_image_dir: Path) -> Path:
     return Path(path) if os.path.exists(path) else root_image_dir / path
 
 
-@pytest.mark.slow
 def test_the_data_version_does_not_depend_on_the_build_folder(builds: tuple[Build, Build]) -> None:
     a, b = builds
     for name in EXPORTERS:
