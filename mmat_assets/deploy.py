@@ -12,6 +12,7 @@ not answer, a bucket that does not exist.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -79,9 +80,67 @@ def _job_keys(assets: list[dg.AssetsDefinition], groups: tuple[str, ...], shards
             if a.group_names_by_key.get(key) in groups and (a.partitions_def is not None or not shards_only)]
 
 
+#: Run statuses whose run worker is (or is about to be) a live process.
+ACTIVE_RUNS = ("STARTING", "STARTED")
+
+
+def local_run_threads(instance: dg.DagsterInstance, processes_per_run: int = 1) -> int | None:
+    """The threads a launched run's models may use when the instance starts its runs as
+    processes on this machine (Dagster's ``DefaultRunLauncher``): this machine's cores shared
+    by the runs active now (this one counted) times each run's step processes. None where
+    nothing needs dividing: one run of one process, a user's own ``MMAT_CPU_THREADS``, or a
+    launcher that starts each run on its own machine (ECS, Kubernetes), whose CPU quota
+    :func:`~mmat_assets.toolkit.cpu.cpu_threads` reads in the run itself.
+
+    The daemon dequeues up to ``max_concurrent_runs`` runs at once (Dagster's default is 10), and
+    each would otherwise start a thread per core for its OCR and torch models (four runs on 2
+    cores: 8 threads), the oversubscription that ``--workers`` avoids the same way.
+    """
+    from mmat_assets.toolkit.cpu import THREADS_ENV, worker_share
+
+    if os.environ.get(THREADS_ENV, "").strip() or not _launches_local_processes(instance):
+        return None
+    statuses = [dg.DagsterRunStatus[name] for name in ACTIVE_RUNS]
+    active = max(1, len(instance.get_run_ids(filters=dg.RunsFilter(statuses=statuses))))
+    processes = active * max(1, processes_per_run)
+    return worker_share(processes) if processes > 1 else None
+
+
+def _launches_local_processes(instance: dg.DagsterInstance) -> bool:
+    """Whether the instance's run launcher is Dagster's default, read from its configuration:
+    making a launcher to ask it can call out (``EcsRunLauncher`` reads its task definition)."""
+    if instance.is_ephemeral:  # an in-process build's instance: its runs are not launched
+        return False
+    data = instance.get_ref().run_launcher_data
+    return data is None or data.class_name == "DefaultRunLauncher"
+
+
+def _sized(base: dg.ExecutorDefinition) -> dg.ExecutorDefinition:
+    """``base``, which first limits the run's threads to :func:`local_run_threads`: the executor
+    is made in the run worker before any step runs, so before any model sizes its pool."""
+    from mmat_assets.toolkit.cpu import cores, limit_threads
+
+    create = base.executor_creation_fn
+    assert create is not None
+
+    def sized(init_context: Any) -> Any:
+        steps = 1
+        if base.name == "multiprocess":  # its steps run side by side, as many as it is allowed
+            steps = int(init_context.executor_config.get("max_concurrent") or 0) or cores()
+        threads = local_run_threads(init_context.instance, steps)
+        if threads is not None:
+            limit_threads(threads)
+        return create(init_context)
+
+    return dg.ExecutorDefinition(name=base.name, config_schema=base.config_schema.as_field(),
+                                 requirements=base.get_requirements, executor_creation_fn=sized,
+                                 description=base.description)
+
+
 def run_executor(deployment: DeploymentConfig) -> dg.ExecutorDefinition:
-    """The executor of every launched run: a backfill's, and each job's of :func:`deployment_jobs`."""
-    return EXECUTORS[deployment.executor]
+    """The executor of every launched run (a backfill's, and each job's of :func:`deployment_jobs`),
+    sizing a local run's thread pools first (:func:`local_run_threads`)."""
+    return _sized(EXECUTORS[deployment.executor])
 
 
 def deployment_jobs(deployment: DeploymentConfig,

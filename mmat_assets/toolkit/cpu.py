@@ -6,7 +6,9 @@ process would run slower than alone. On 2 cores (``benchmarks/ocr_threads.py``),
 TabMWP tables did 2.57 images/s in one process, 2.03 in two processes with onnxruntime's
 default pool each, and 3.44 in two processes of one thread each. So a worker is given its
 share (:data:`THREADS_ENV`, ``cores // N``: :func:`worker_share`) before it loads anything,
-and a plugin that sizes a thread pool itself asks :func:`cpu_threads`.
+and a plugin that sizes a thread pool itself asks :func:`cpu_threads`. Runs the instance starts
+as local processes (the daemon, the UI) get theirs when their executor is made
+(:func:`mmat_assets.deploy.local_run_threads`).
 
 A process may also be held to fewer cores than the machine has: by its CPU affinity, or by a
 cgroup CPU quota (a Kubernetes pod's ``limits.cpu``, an ECS task's ``cpu``, ``docker run
