@@ -1,4 +1,4 @@
-"""A misconfigured prod deployment stops the code location with one line naming what is wrong.
+"""A misconfigured prod deployment, or a broken config, stops the code location with one line naming what is wrong.
 
 Each case loads ``definitions.py`` in a fresh interpreter, as Dagster's code server does, with
 the instance configuration of ``infra/`` (or none) in its ``DAGSTER_HOME``.
@@ -118,3 +118,22 @@ def test_sound_profile_loads(tmp_path: Path, s3_url: str, monkeypatch: pytest.Mo
                  "AWS_DEFAULT_REGION": "us-east-1"}.items():
         monkeypatch.setenv(k, v)
     check_deployment(load_config(_project(tmp_path, "mmat-prod")), "prod", environ)
+
+
+@pytest.mark.parametrize(("text", "named"), [
+    ("sources:\n  tabmwp: {plugin: tabmwp, quota: lots, options: {path: tabmwp}}\n",
+     ["sources.tabmwp.quota", "valid integer"]),
+    ("sources: [\n", ["is not valid YAML"]),
+    ("sources:\n  tabmwp: {plugin: no_such_source, options: {path: tabmwp}}\n",
+     ["no source named 'no_such_source'"]),
+], ids=["invalid-value", "bad-yaml", "unregistered-plugin"])
+def test_a_broken_config_stops_the_load_with_the_line_mmat_build_gives(
+        tmp_path: Path, s3_url: str, text: str, named: list[str]) -> None:
+    """What the UI's code location and its code server show: one line naming the file and what is
+    wrong in it, as `mmat build` prints (runner.read_config), never a pydantic traceback."""
+    config = tmp_path / "mmat.yaml"
+    config.write_text(text)
+    proc = _load(config, _home(tmp_path, None), {"MMAT_PROFILE": "local"}, s3_url)
+    line = _one_line(proc)
+    assert line.startswith(f"mmat: {config}"), line
+    assert all(n in line for n in named), line

@@ -13,7 +13,7 @@ from mmat_assets.assets import ablation, export, foundation, stages, training
 from mmat_assets.assets._shared import TeacherResource
 from mmat_assets.assets.retrievers import build_retriever_assets
 from mmat_assets.assets.tools import build_tool_assets
-from mmat_assets.config import ProjectConfig, load_config
+from mmat_assets.config import ProjectConfig
 from mmat_assets.plugins import Registry, load_registry
 from mmat_assets.resources import profile_resources
 from mmat_assets.versions import chain_code_versions
@@ -72,10 +72,19 @@ def _teachers(cfg: ProjectConfig, registry: Registry) -> dict[str, object]:
 
 
 def definitions_from_file(config_path: str | Path, profile: str = "local") -> dg.Definitions:
-    """The code location's definitions; a deployment that cannot work (a variable unset, its
-    PostgreSQL or bucket missing) stops the load with one line (mmat_assets.deploy)."""
+    """The code location's definitions. A config that cannot be read (missing, bad YAML, a value
+    that fails validation, a name nothing registers) and a deployment that cannot work (a
+    variable unset, its PostgreSQL or bucket missing: mmat_assets.deploy) stop the load with
+    one line, the one ``mmat build`` gives: a traceback would bury the one fact needed."""
     from mmat_assets.deploy import exit_if_misconfigured
+    from mmat_assets.runner import BuildError, read_config
 
-    cfg = load_config(config_path)
-    exit_if_misconfigured(cfg, profile, os.environ)
-    return build_definitions(cfg, profile)
+    try:
+        cfg = read_config(Path(config_path))
+    except BuildError as exc:
+        raise SystemExit(f"mmat: {exc}") from None
+    try:
+        exit_if_misconfigured(cfg, profile, os.environ)
+        return build_definitions(cfg, profile)
+    except KeyError as exc:  # a configured name that nothing registers, a profile not configured
+        raise SystemExit(f"mmat: {config_path}: {exc.args[0] if exc.args else exc}") from None
