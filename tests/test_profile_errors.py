@@ -1,4 +1,5 @@
-"""A misconfigured prod deployment, or a broken config, stops the code location with one line naming what is wrong.
+"""A misconfigured prod deployment, or a broken config, stops the code location with one line
+naming what is wrong.
 
 Each case loads ``definitions.py`` in a fresh interpreter, as Dagster's code server does, with
 the instance configuration of ``infra/`` (or none) in its ``DAGSTER_HOME``.
