@@ -59,6 +59,7 @@ benchmarks: install  ## performance scripts; each prints its ratio against a sam
 	$(BIN)/python benchmarks/data_versions.py
 	$(BIN)/python benchmarks/build_parallel.py
 	$(BIN)/python benchmarks/ocr_threads.py
+	$(BIN)/python benchmarks/launch_threads.py  # two launched builds of the demo's shard stages: about 10 min
 	$(BIN)/python benchmarks/scale.py  # 100,000 rows, 64 shards, --launch on PostgreSQL: about 10 min
 
 clean:

@@ -60,11 +60,14 @@ def build(cfg: Path, workers: int) -> tuple[float, dict, dict[str, str]]:
     seconds = time.perf_counter() - start
     if out.returncode != 0:
         raise SystemExit(f"build with --workers {workers} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
-    store = cfg.parent / "store"
-    files = {str(p.relative_to(store)): hashlib.sha256(p.read_bytes()).hexdigest()
-             for p in sorted(store.rglob("*")) if p.suffix in (".parquet", ".jsonl") and p.is_file()}
     summary = {k: v for k, v in json.loads(out.stdout).items() if k not in NOT_COMPARED}
-    return seconds, summary, files
+    return seconds, summary, stored(cfg.parent / "store")
+
+
+def stored(store: Path) -> dict[str, str]:
+    """Every table and JSONL file under ``store``: its path there -> its sha256."""
+    return {str(p.relative_to(store)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(store.rglob("*")) if p.suffix in (".parquet", ".jsonl") and p.is_file()}
 
 
 def differences(serial: object, parallel: object, where: str = "") -> list[str]:
@@ -88,14 +91,22 @@ def main() -> int:
         print(f"--workers 1: {serial_s:.1f} s ({serial['runs']} runs)", flush=True)
         parallel_s, parallel, parallel_files = build(cfg, args.workers)
         print(f"--workers {args.workers}: {parallel_s:.1f} s", flush=True)
-    changed = sorted(k for k in serial_files.keys() | parallel_files.keys() if serial_files.get(k) != parallel_files.get(k))
-    assert not changed, f"the builds stored different tables or JSONL files: {changed}"
-    differ = differences(serial, parallel)
-    assert not differ, "the builds' summaries differ (--workers 1 != --workers N):\n" + "\n".join(differ)
-    print(f"identical outputs: {len(serial_files)} tables and JSONL files, byte for byte; same summary "
-          f"(all but {', '.join(NOT_COMPARED)})")
+    check_same((serial, serial_files), (parallel, parallel_files), NOT_COMPARED)
     print(f"speed-up: {serial_s / parallel_s:.2f}x (target >= 1.6x on 2 cores)")
     return 0
+
+
+def check_same(first: tuple[dict, dict[str, str]], second: tuple[dict, dict[str, str]],
+               not_compared: tuple[str, ...]) -> None:
+    """Two builds' (summary, stored files) agree: every file byte for byte, the summaries field
+    by field; else an AssertionError that names what differs."""
+    (a, a_files), (b, b_files) = first, second
+    changed = sorted(k for k in a_files.keys() | b_files.keys() if a_files.get(k) != b_files.get(k))
+    assert not changed, f"the builds stored different tables or JSONL files: {changed}"
+    differ = differences(a, b)
+    assert not differ, "the builds' summaries differ (first != second):\n" + "\n".join(differ)
+    print(f"identical outputs: {len(a_files)} tables and JSONL files, byte for byte; same summary "
+          f"(all but {', '.join(not_compared)})")
 
 
 if __name__ == "__main__":
